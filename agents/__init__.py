@@ -1,0 +1,1 @@
+"""Agent logic: transport-free message handlers, protocol messages and policies."""

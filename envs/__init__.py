@@ -1,0 +1,49 @@
+"""The plant model and its Gymnasium environments.
+
+Importing this package registers ``autofab/JobShop-v0`` with Gymnasium::
+
+    import gymnasium as gym
+    import autofab.envs
+
+    env = gym.make("autofab/JobShop-v0", instance="ta01")
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from autofab.envs.instances import (
+    Instance,
+    InstanceError,
+    benchmark_names,
+    instance_from_dict,
+    instance_to_dict,
+    load_instance,
+    random_instance,
+    save_instance,
+)
+from autofab.envs.jobshop import JobShopEnv
+from autofab.envs.model import InvalidActionError, PlantModel
+from autofab.envs.rules import RULES, RulePolicy, run_episode
+from autofab.envs.validate import ScheduleError, schedule_violations, validate_schedule
+
+__all__ = [
+    "RULES",
+    "Instance",
+    "InstanceError",
+    "InvalidActionError",
+    "JobShopEnv",
+    "PlantModel",
+    "RulePolicy",
+    "ScheduleError",
+    "benchmark_names",
+    "instance_from_dict",
+    "instance_to_dict",
+    "load_instance",
+    "random_instance",
+    "run_episode",
+    "save_instance",
+    "schedule_violations",
+    "validate_schedule",
+]
+
+if "autofab/JobShop-v0" not in registry:
+    register(id="autofab/JobShop-v0", entry_point="autofab.envs.jobshop:JobShopEnv")

@@ -1,0 +1,332 @@
+"""``autofab/JobShop-v0``: dispatch jobs in a (flexible) job shop to minimise makespan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from numpy.typing import NDArray
+
+from autofab.envs.instances import Instance, InstanceError, load_instance, random_instance
+from autofab.envs.model import InvalidActionError, PlantModel
+
+__all__ = ["OBSERVATION_LAYOUT", "JobShopEnv", "MaskedDiscrete"]
+
+#: The observation's blocks, in order: (name, one value per "job" | "machine" | "plant").
+OBSERVATION_LAYOUT = (
+    ("job_next_op_time", "job"),
+    ("job_work_left", "job"),
+    ("job_ops_left", "job"),
+    ("job_wait", "job"),
+    ("job_machine_wait", "job"),
+    ("machine_wait", "machine"),
+    ("machine_work_left", "machine"),
+    ("job_can_start", "job"),
+    ("progress", "plant"),
+    ("time", "plant"),
+)
+
+InstanceSpec = str | Path | Mapping[str, Any] | Instance
+
+
+class MaskedDiscrete(spaces.Discrete):
+    """A ``Discrete`` space whose ``sample()`` draws only actions valid right now.
+
+    It reads the environment's live action mask, so random agents (and Gymnasium's env
+    checker) never pick an action the environment would refuse. Passing ``mask=`` or
+    ``probability=`` explicitly behaves exactly as in ``Discrete``.
+    """
+
+    def __init__(self, n: int, seed: int | None = None) -> None:
+        super().__init__(n, seed=seed)
+        #: The environment's current mask (boolean), replaced at every step.
+        self.live_mask: NDArray[np.bool_] | None = None
+
+    def sample(
+        self, mask: NDArray[np.int8] | None = None, probability: NDArray[np.float64] | None = None
+    ) -> np.int64:
+        live = self.live_mask
+        if mask is None and probability is None and live is not None and live.any():
+            mask = live.astype(np.int8)
+        return super().sample(mask=mask, probability=probability)
+
+
+class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
+    """Dispatch jobs in a job shop, one decision at a time, to minimise the makespan.
+
+    ## Description
+
+    The plant model (:class:`~autofab.envs.model.PlantModel`) runs a flexible job shop in
+    event time. Whenever at least one job's next operation could start now on an idle
+    machine, the agent picks which job goes next. The operation starts at once on the
+    eligible idle machine that finishes it soonest. When no job can start, time jumps to
+    the next operation completion. Schedules are therefore *non-delay*, as on a shop floor.
+
+    ## Action Space
+
+    ``Discrete(n_jobs)``: the job whose next operation to dispatch. Only jobs flagged by
+    :meth:`action_masks` are valid; any other action raises
+    :class:`~autofab.envs.model.InvalidActionError` naming the valid ones. The action
+    space's ``sample()`` draws from the current mask. The mask makes sb3-contrib's
+    ``MaskablePPO`` work as is.
+
+    ## Observation Space
+
+    ``Box(0, 1, (n_jobs * 6 + n_machines * 2 + 2,), float32)``, a fixed size for a given
+    instance size, made of the blocks in :data:`OBSERVATION_LAYOUT`. Per job: the next
+    operation's processing time, work left, operations left, time until the job is ready,
+    time until a machine for its next operation is free (1 once the job is done), and
+    whether it can start now. Per machine: time until free and work still to come. For
+    the plant: fraction of operations started and the current time. Times are divided by
+    the instance's longest operation, work by the largest job or machine load, and the
+    clock by the total work, then clipped to ``[0, 1]``.
+
+    ## Rewards
+
+    Dense: ``-(LB_after - LB_before) / reward_scale``, where ``LB`` is the model's cheap
+    makespan lower bound (:meth:`~autofab.envs.model.PlantModel.lower_bound`). It telescopes,
+    so an episode's return is ``-(makespan - LB_initial) / reward_scale``: maximising it
+    minimises the makespan. ``reward_scale`` defaults to the longest operation.
+
+    ## Starting State
+
+    Time 0, nothing started. With ``instance={"jobs": J, "machines": M}`` a new
+    Taillard-style instance is drawn from the env's RNG at every ``reset(seed=...)``.
+
+    ## Episode End
+
+    Terminated when every operation has been dispatched; ``info["makespan"]``,
+    ``info["tardiness"]`` and ``info["schedule"]`` (a list of ``{job, index, machine,
+    start, end}``) are then set. There is no truncation; wrap with ``TimeLimit`` if needed.
+
+    ## Arguments
+
+    * ``instance``: a benchmark name (``"ta01"``), a JSON path, a JSON-form dict, an
+      :class:`~autofab.envs.instances.Instance`, or ``{"jobs": J, "machines": M}`` (plus
+      optional ``"low"``, ``"high"`` processing-time bounds) for random instances.
+    * ``reward_scale``: divisor of the reward, default the longest operation.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012
+
+    def __init__(
+        self,
+        instance: InstanceSpec = "ft06",
+        reward_scale: float | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"render_mode {render_mode!r} is not supported; use one of "
+                f"{self.metadata['render_modes']} or None"
+            )
+        self.render_mode = render_mode
+        self._random_size: tuple[int, int, int, int] | None = None
+        if isinstance(instance, Mapping) and "machines" in instance and isinstance(
+            instance.get("jobs"), int
+        ):
+            self._random_size = _random_spec(instance)
+            jobs, machines, low, high = self._random_size
+            first = random_instance(jobs, machines, 0, low=low, high=high)
+        else:
+            first = load_instance(instance)
+        if reward_scale is not None and not reward_scale > 0:
+            raise ValueError(f"reward_scale must be > 0, got {reward_scale}")
+        self._reward_scale_arg = reward_scale
+        self._set_instance(first)
+        n_jobs, n_machines = first.n_jobs, first.n_machines
+        self.action_space = MaskedDiscrete(n_jobs)
+        size = len(self._scale)
+        self.observation_space = spaces.Box(0.0, 1.0, (size,), dtype=np.float32)
+        self._lb = 0.0
+
+    # ------------------------------------------------------------------ setup
+
+    def _set_instance(self, inst: Instance) -> None:
+        self.instance = inst
+        self.model = PlantModel(inst)
+        self._t_norm = 1.0 / max(inst.max_duration, 1e-12)
+        self._job_norm = 1.0 / max(float(inst.job_total_work.max()), 1e-12)
+        self._machine_norm = 1.0 / max(float(inst.machine_load.max()), 1e-12)
+        self._ops_norm = 1.0 / inst.max_ops_per_job
+        self._horizon_norm = 1.0 / max(float(inst.min_duration.sum() + inst.release.max()), 1e-12)
+        self._n_ops_norm = 1.0 / inst.n_ops
+        # One multiplier per observation entry, in OBSERVATION_LAYOUT order.
+        n_jobs, n_machines = inst.n_jobs, inst.n_machines
+        norms = {
+            "job_next_op_time": self._t_norm,
+            "job_work_left": self._job_norm,
+            "job_ops_left": self._ops_norm,
+            "job_wait": self._t_norm,
+            "job_machine_wait": self._t_norm,
+            "machine_wait": self._t_norm,
+            "machine_work_left": self._machine_norm,
+            "job_can_start": 1.0,
+            "progress": self._n_ops_norm,
+            "time": self._horizon_norm,
+        }
+        counts = {"job": n_jobs, "machine": n_machines, "plant": 1}
+        self._scale = np.concatenate(
+            [np.full(counts[kind], norms[name]) for name, kind in OBSERVATION_LAYOUT]
+        ).astype(np.float32)
+        self.reward_scale = self._reward_scale_arg or max(inst.max_duration, 1.0)
+
+    # ------------------------------------------------------------------ API
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[NDArray[np.float32], dict[str, Any]]:
+        super().reset(seed=seed, options=options)
+        if self._random_size is not None:
+            jobs, machines, low, high = self._random_size
+            self._set_instance(random_instance(jobs, machines, self.np_random, low=low, high=high))
+        else:
+            self.model.reset()
+        self.model.advance_to_decision()
+        self._lb = self.model.lower_bound()
+        self._sync_mask()
+        return self._observation(), {"instance": self.instance.name}
+
+    def step(
+        self, action: int | np.integer[Any] | NDArray[np.integer[Any]]
+    ) -> tuple[NDArray[np.float32], SupportsFloat, bool, bool, dict[str, Any]]:
+        model = self.model
+        job = self._check_action(action)
+        if model.classic:
+            model.start(job, int(model.job_machine[job]))
+        else:
+            model.dispatch(job)
+        model.advance_to_decision()
+        lb = model.lower_bound()
+        reward = (self._lb - lb) / self.reward_scale
+        self._lb = lb
+        self._sync_mask()
+        terminated = model.all_started
+        info: dict[str, Any] = {}
+        if terminated:
+            info = self.episode_info()
+        return self._observation(), reward, terminated, False, info
+
+    def action_masks(self) -> NDArray[np.bool_]:
+        """Valid actions now (``True`` = may dispatch this job). A fresh copy."""
+        return self.model.action_mask().copy()
+
+    def episode_info(self) -> dict[str, Any]:
+        """Results of the run so far: makespan, tardiness, schedule, and the gap if known."""
+        model = self.model
+        makespan = model.makespan()
+        info: dict[str, Any] = {
+            "instance": self.instance.name,
+            "makespan": makespan,
+            "tardiness": model.tardiness(),
+            "schedule": model.schedule(),
+        }
+        if self.instance.best_known:
+            info["best_known"] = self.instance.best_known
+            info["gap"] = makespan / self.instance.best_known - 1.0
+        return info
+
+    def render(self) -> str | None:  # type: ignore[override]
+        if self.render_mode != "ansi":
+            return None
+        m = self.model
+        busy = ", ".join(
+            f"M{i}:j{int(self.instance.op_job[op])}"
+            for i, op in enumerate(m.machine_op)
+            if m.machine_free_at[i] > m.now
+        )
+        return (
+            f"t={m.now:g} started={m.n_started}/{self.instance.n_ops} "
+            f"valid={np.flatnonzero(m.action_mask()).tolist()} busy=[{busy}]"
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_action(self, action: Any) -> int:
+        n = self.instance.n_jobs
+        try:
+            job = int(action) if isinstance(action, int | np.integer) else int(
+                np.asarray(action).reshape(())
+            )
+        except (TypeError, ValueError):
+            raise InvalidActionError(
+                f"action {action!r} is not a single integer job index in [0, {n})"
+            ) from None
+        mask = self.model.action_mask()
+        if not (0 <= job < n) or not mask[job]:
+            valid = np.flatnonzero(mask).tolist()
+            if self.model.all_started:
+                why = "the episode is over; call reset()"
+            elif not 0 <= job < n:
+                why = f"there are only {n} jobs"
+            elif self.model.job_next[job] >= self.model.job_end[job]:
+                why = f"job {job} has no operation left"
+            elif self.model.job_ready[job] > self.model.now:
+                why = f"job {job} is still busy until t={self.model.job_ready[job]:g}"
+            else:
+                why = f"no machine for job {job}'s next operation is idle"
+            raise InvalidActionError(
+                f"action {job} is not valid now ({why}); valid actions: {valid}"
+            )
+        return job
+
+    def _sync_mask(self) -> None:
+        self.action_space.live_mask = self.model.action_mask()
+
+    def _observation(self) -> NDArray[np.float32]:
+        # The blocks follow OBSERVATION_LAYOUT, arranged so that each numpy call covers
+        # several: the model's job_state rows (op time, work, ops, ready) copy in one go,
+        # and the three time blocks (job ready, job's machine free, machine free) sit side
+        # by side so one subtraction turns them into waits.
+        m = self.model
+        now = m.now
+        n_jobs, n_machines = self.instance.n_jobs, self.instance.n_machines
+        obs = np.empty(self.observation_space.shape, dtype=np.float32)
+        a, b, c = 4 * n_jobs, 5 * n_jobs, 5 * n_jobs + 2 * n_machines
+        obs[:a].reshape(4, n_jobs)[:] = m.job_state
+        if m.classic:
+            # Finished jobs point at the sentinel machine, free at +inf: their wait reads 1.
+            obs[a:b] = m._free_ext[m.job_machine]
+        else:
+            nxt = np.minimum(m.job_next, m.last_op)
+            wait = np.where(self.instance.eligible[nxt], m.machine_free_at, np.inf).min(axis=1)
+            wait[m.job_next >= m.job_end] = np.inf
+            obs[a:b] = wait
+        obs[b:c].reshape(2, n_machines)[:] = m.machine_state[:, :n_machines]
+        obs[3 * n_jobs : b + n_machines] -= now
+        obs[c:-2] = m.action_mask()
+        obs[-2] = m.n_started
+        obs[-1] = now
+        obs *= self._scale
+        np.maximum(obs, 0.0, out=obs)
+        np.minimum(obs, 1.0, out=obs)
+        return obs
+
+
+def _random_spec(spec: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    unknown = set(spec) - {"jobs", "machines", "low", "high"}
+    if unknown:
+        raise InstanceError(
+            f"random instance spec: unknown key(s) {sorted(unknown)}; "
+            "expected 'jobs', 'machines' and optionally 'low', 'high'"
+        )
+    values = (spec["jobs"], spec["machines"], spec.get("low", 1), spec.get("high", 99))
+    for key, v in zip(("jobs", "machines", "low", "high"), values, strict=True):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise InstanceError(f"random instance spec: {key!r} must be an integer, got {v!r}")
+    jobs, machines, low, high = values
+    if jobs < 1 or machines < 1:
+        raise InstanceError(
+            f"random instance spec: 'jobs' and 'machines' must be >= 1, got {jobs}x{machines}"
+        )
+    if not 0 <= low <= high:
+        raise InstanceError(f"random instance spec: need 0 <= low <= high, got {low}, {high}")
+    return jobs, machines, low, high
