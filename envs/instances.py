@@ -183,8 +183,7 @@ class Instance:
         if len(bad):
             j, k = bad[0]
             raise InstanceError(
-                f"instance {name!r}: job {j} operation {k}: machine id {mach[j, k]} is "
-                "negative"
+                f"instance {name!r}: job {j} operation {k}: machine id {mach[j, k]} is negative"
             )
         n_machines = int(mach.max()) + 1
         names = tuple(f"M{m}" for m in range(n_machines))
@@ -321,9 +320,7 @@ def _validate(inst: Instance) -> None:
                 f"instance {name!r}: job {int(bad[0])}: {what} {arr[bad[0]]} must be a "
                 "finite number >= 0"
             )
-    if inst.best_known is not None and not (
-        math.isfinite(inst.best_known) and inst.best_known > 0
-    ):
+    if inst.best_known is not None and not (math.isfinite(inst.best_known) and inst.best_known > 0):
         raise InstanceError(
             f"instance {name!r}: best_known {inst.best_known} must be a positive number"
         )
@@ -373,8 +370,7 @@ def load_benchmark(name: str) -> Instance:
         close = [n for n in benchmark_names() if n.startswith(name[:2])][:8]
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise InstanceError(
-            f"unknown benchmark instance {name!r}.{hint} "
-            "Run 'autofab instances' to list them all."
+            f"unknown benchmark instance {name!r}.{hint} Run 'autofab instances' to list them all."
         )
     entry = data[name]
     meta = entry.get("metadata", {})
@@ -442,9 +438,7 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
             ops.append(
                 {
                     "capability": inst.op_capability[o],
-                    "durations": {
-                        inst.machine_names[m]: _plain(inst.durations[o, m]) for m in ms
-                    },
+                    "durations": {inst.machine_names[m]: _plain(inst.durations[o, m]) for m in ms},
                 }
             )
         jobs.append(
@@ -511,7 +505,9 @@ def instance_from_dict(data: Mapping[str, Any], *, name: str | None = None) -> I
             names.append(m["name"])
             c = m.get("capabilities", [m["name"]])
             if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
-                raise InstanceError(f"{where}: machines[{i}].capabilities must be a list of strings")
+                raise InstanceError(
+                    f"{where}: machines[{i}].capabilities must be a list of strings"
+                )
             caps.append(frozenset(c))
         else:
             raise InstanceError(
@@ -541,9 +537,7 @@ def instance_from_dict(data: Mapping[str, Any], *, name: str | None = None) -> I
             row: dict[int, float] = {}
             for mname, t in op["durations"].items():
                 if mname not in index:
-                    raise InstanceError(
-                        f"{at}: unknown machine {mname!r} (machines are {names})"
-                    )
+                    raise InstanceError(f"{at}: unknown machine {mname!r} (machines are {names})")
                 if not isinstance(t, int | float) or isinstance(t, bool):
                     raise InstanceError(f"{at}: processing time on {mname!r} must be a number")
                 if not math.isfinite(t) or t < 0:

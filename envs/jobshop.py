@@ -130,8 +130,10 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
             )
         self.render_mode = render_mode
         self._random_size: tuple[int, int, int, int] | None = None
-        if isinstance(instance, Mapping) and "machines" in instance and isinstance(
-            instance.get("jobs"), int
+        if (
+            isinstance(instance, Mapping)
+            and "machines" in instance
+            and isinstance(instance.get("jobs"), int)
         ):
             self._random_size = _random_spec(instance)
             jobs, machines, low, high = self._random_size
@@ -142,8 +144,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
             raise ValueError(f"reward_scale must be > 0, got {reward_scale}")
         self._reward_scale_arg = reward_scale
         self._set_instance(first)
-        n_jobs, n_machines = first.n_jobs, first.n_machines
-        self.action_space = MaskedDiscrete(n_jobs)
+        self.action_space = MaskedDiscrete(first.n_jobs)
         size = len(self._scale)
         self.observation_space = spaces.Box(0.0, 1.0, (size,), dtype=np.float32)
         self._lb = 0.0
@@ -253,8 +254,10 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     def _check_action(self, action: Any) -> int:
         n = self.instance.n_jobs
         try:
-            job = int(action) if isinstance(action, int | np.integer) else int(
-                np.asarray(action).reshape(())
+            job = (
+                int(action)
+                if isinstance(action, int | np.integer)
+                else int(np.asarray(action).reshape(()))
             )
         except (TypeError, ValueError):
             raise InvalidActionError(
@@ -292,14 +295,8 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
         obs = np.empty(self.observation_space.shape, dtype=np.float32)
         a, b, c = 4 * n_jobs, 5 * n_jobs, 5 * n_jobs + 2 * n_machines
         obs[:a].reshape(4, n_jobs)[:] = m.job_state
-        if m.classic:
-            # Finished jobs point at the sentinel machine, free at +inf: their wait reads 1.
-            obs[a:b] = m._free_ext[m.job_machine]
-        else:
-            nxt = np.minimum(m.job_next, m.last_op)
-            wait = np.where(self.instance.eligible[nxt], m.machine_free_at, np.inf).min(axis=1)
-            wait[m.job_next >= m.job_end] = np.inf
-            obs[a:b] = wait
+        # Finished jobs' machine is free at +inf: their wait reads 1 after clipping.
+        obs[a:b] = m.job_machine_free()
         obs[b:c].reshape(2, n_machines)[:] = m.machine_state[:, :n_machines]
         obs[3 * n_jobs : b + n_machines] -= now
         obs[c:-2] = m.action_mask()

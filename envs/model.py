@@ -106,9 +106,6 @@ class PlantModel:
         self.machine_free_at[:] = 0.0
         self._free_ext[-1] = _INF
         self.machine_work_left[:] = inst.machine_load
-        # End time of each running operation, +inf for idle machines: its minimum is the
-        # next completion event.
-        self._busy_end = np.full(inst.n_machines, _INF)
         self.machine_op = np.full(inst.n_machines, -1, dtype=np.int64)
         self.op_start = np.full(inst.n_ops, np.nan)
         self.op_end = np.full(inst.n_ops, np.nan)
@@ -161,22 +158,36 @@ class PlantModel:
         """Machines free at the current time."""
         return self.machine_free_at <= self.now
 
+    def _earliest_starts(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Per job: when a machine for its next operation is free, and when it can start.
+
+        A job can start its next operation at ``max(ready, earliest free eligible
+        machine)``; both only change at a dispatch, so this also gives the next decision
+        time. Finished jobs get ``inf``.
+        """
+        if self.classic:
+            machine_free = self._free_ext[self.job_machine]
+        else:
+            nxt = np.minimum(self.job_next, self.last_op)
+            machine_free = np.where(self._eligible[nxt], self.machine_free_at, _INF).min(axis=1)
+            machine_free[self.job_next >= self.job_end] = _INF
+        return machine_free, np.maximum(self.job_ready, machine_free)
+
     def action_mask(self) -> NDArray[np.bool_]:
         """Jobs whose next operation can start now on some idle eligible machine.
 
         The array is cached until the state changes; callers must not modify it.
         """
         if self._mask is None:
-            now = self.now
-            if self.classic:
-                mask = self._free_ext[self.job_machine] <= now
-            else:
-                nxt = np.minimum(self.job_next, self.last_op)
-                mask = (self._eligible[nxt] & (self.machine_free_at <= now)).any(axis=1)
-                mask &= self.job_next < self.job_end
-            mask &= self.job_ready <= now
-            self._mask = mask
+            self._job_machine_free, starts = self._earliest_starts()
+            self._mask = starts <= self.now
         return self._mask
+
+    def job_machine_free(self) -> NDArray[np.float64]:
+        """When the earliest eligible machine for each job's next operation is free
+        (inf for finished jobs). Cached with the action mask; do not modify."""
+        self.action_mask()
+        return self._job_machine_free
 
     def processing_times(self, ops: NDArray[np.int64]) -> NDArray[np.float64]:
         """``(len(ops), n_machines)`` processing times at current speeds; inf if ineligible."""
@@ -239,7 +250,6 @@ class PlantModel:
         self.op_end[op] = end
         self.op_machine[op] = machine
         self.machine_free_at[machine] = end
-        self._busy_end[machine] = end
         self.machine_op[machine] = op
         work = self._lb_work[job] - self._min_duration[op]
         self.job_ready[job] = end
@@ -277,7 +287,8 @@ class PlantModel:
     def next_event_time(self) -> float:
         """Time of the next event after now: an operation ending or a job released; inf if none."""
         now = self.now
-        t = float(np.minimum.reduce(self._busy_end))
+        free = self.machine_free_at
+        t = float(np.min(free, where=free > now, initial=_INF))
         if now < self._max_release:
             ready = self.job_ready
             waiting = (ready > now) & (self.job_next < self.job_end)
@@ -293,16 +304,25 @@ class PlantModel:
         if t == _INF:
             raise InvalidActionError("no event left: every operation has finished")
         self.now = t
-        busy = self._busy_end
-        busy[busy <= t] = _INF
         self._mask = None
         return t
 
     def advance_to_decision(self) -> None:
-        """Advance until some job can be dispatched, or every operation has started."""
-        n_ops = self.instance.n_ops
-        while self.n_started < n_ops and not self.action_mask().any():
-            self.advance()
+        """Advance to the first time some job can be dispatched (now, if one can).
+
+        Equivalent to calling :meth:`advance` until :meth:`action_mask` has a valid job,
+        but done in one jump: nothing starts in between, so each job's earliest start
+        stays fixed and the decision time is their minimum. Does nothing once every
+        operation has started.
+        """
+        if self.n_started == self.instance.n_ops:
+            return
+        machine_free, starts = self._earliest_starts()
+        t = float(np.minimum.reduce(starts))
+        if t > self.now:
+            self.now = t
+        self._job_machine_free = machine_free
+        self._mask = starts <= self.now
 
     # ------------------------------------------------------------------ results
 

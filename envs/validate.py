@@ -84,9 +84,7 @@ def schedule_violations(
         for o in np.flatnonzero(counts == 0):
             problems.append(f"{_name(instance, o)} is missing")
     for i in np.flatnonzero(~instance.eligible[op, mach]):
-        problems.append(
-            f"{_name(instance, op[i])} runs on machine {mach[i]}, which cannot do it"
-        )
+        problems.append(f"{_name(instance, op[i])} runs on machine {mach[i]}, which cannot do it")
     speed = np.ones(instance.n_machines) if speeds is None else np.asarray(speeds, np.float64)
     expected = instance.durations[op, mach] / speed[mach]
     for i in np.flatnonzero(np.abs((end - start) - expected) > _TOL * np.maximum(1, expected)):
