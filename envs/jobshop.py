@@ -130,11 +130,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
             )
         self.render_mode = render_mode
         self._random_size: tuple[int, int, int, int] | None = None
-        if (
-            isinstance(instance, Mapping)
-            and "machines" in instance
-            and isinstance(instance.get("jobs"), int)
-        ):
+        if isinstance(instance, Mapping) and not isinstance(instance.get("jobs"), list):
             self._random_size = _random_spec(instance)
             jobs, machines, low, high = self._random_size
             first = random_instance(jobs, machines, 0, low=low, high=high)
@@ -253,6 +249,8 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
 
     def _check_action(self, action: Any) -> int:
         n = self.instance.n_jobs
+        if isinstance(action, bool | np.bool_):
+            raise InvalidActionError(f"action {action!r} is a boolean, not a job index in [0, {n})")
         try:
             job = (
                 int(action)
@@ -314,6 +312,12 @@ def _random_spec(spec: Mapping[str, Any]) -> tuple[int, int, int, int]:
         raise InstanceError(
             f"random instance spec: unknown key(s) {sorted(unknown)}; "
             "expected 'jobs', 'machines' and optionally 'low', 'high'"
+        )
+    missing = {"jobs", "machines"} - set(spec)
+    if missing:
+        raise InstanceError(
+            f"random instance spec: missing key(s) {sorted(missing)}; "
+            'write it as {"jobs": 15, "machines": 15}'
         )
     values = (spec["jobs"], spec["machines"], spec.get("low", 1), spec.get("high", 99))
     for key, v in zip(("jobs", "machines", "low", "high"), values, strict=True):
