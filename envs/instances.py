@@ -487,9 +487,11 @@ def instance_from_dict(data: Mapping[str, Any], *, name: str | None = None) -> I
     without ``capability`` needs nothing beyond being listed on its machines. ``release``
     defaults to 0 and ``due`` to the total-work-content rule.
     """
-    where = f"instance {name or data.get('name', '?')!r}"
     if not isinstance(data, Mapping):
-        raise InstanceError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        raise InstanceError(
+            f"instance {name or '?'!r}: expected a JSON object, got {type(data).__name__}"
+        )
+    where = f"instance {name or data.get('name', '?')!r}"
     unknown = set(data) - {"name", "machines", "jobs", "best_known", "optimal"}
     if unknown:
         raise InstanceError(f"{where}: unknown key(s) {sorted(unknown)}")
@@ -628,5 +630,6 @@ def load_instance(spec: str | Path | Mapping[str, Any] | Instance) -> Instance:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise InstanceError(f"instance file {text!r} is not valid JSON: {exc}") from None
-        return instance_from_dict(data, name=data.get("name") or path.stem)
+        name = data.get("name") if isinstance(data, dict) else None
+        return instance_from_dict(data, name=name or path.stem)
     return load_benchmark(text)
