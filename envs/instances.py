@@ -244,16 +244,15 @@ def _release_and_due(
     name: str,
 ) -> tuple[FloatArray, FloatArray]:
     rel = np.zeros(n_jobs) if release is None else np.asarray(release, dtype=np.float64)
-    if due is None:
-        due_arr = rel + DUE_DATE_TIGHTNESS * job_work
-    else:
-        due_arr = np.asarray(due, dtype=np.float64)
+    due_arr = None if due is None else np.asarray(due, dtype=np.float64)
     for what, arr in (("release", rel), ("due", due_arr)):
-        if arr.shape != (n_jobs,):
+        if arr is not None and arr.shape != (n_jobs,):
             raise InstanceError(
                 f"instance {name!r}: {what} must have one value per job ({n_jobs}), "
                 f"got shape {arr.shape}"
             )
+    if due_arr is None:
+        due_arr = rel + DUE_DATE_TIGHTNESS * job_work
     return rel.copy(), due_arr.copy()
 
 

@@ -143,7 +143,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
         self.action_space = MaskedDiscrete(first.n_jobs)
         size = len(self._scale)
         self.observation_space = spaces.Box(0.0, 1.0, (size,), dtype=np.float32)
-        self._lb = 0.0
+        self._lb: float | None = None  # None until the first reset()
 
     # ------------------------------------------------------------------ setup
 
@@ -203,7 +203,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
             model.dispatch(job)
         model.advance_to_decision()
         lb = model.lower_bound()
-        reward = (self._lb - lb) / self.reward_scale
+        reward = (self._lb - lb) / self.reward_scale  # type: ignore[operator]
         self._lb = lb
         self._sync_mask()
         terminated = model.all_started
@@ -248,34 +248,36 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     # ------------------------------------------------------------------ internals
 
     def _check_action(self, action: Any) -> int:
-        n = self.instance.n_jobs
-        if isinstance(action, bool | np.bool_):
-            raise InvalidActionError(f"action {action!r} is a boolean, not a job index in [0, {n})")
-        try:
-            job = (
-                int(action)
-                if isinstance(action, int | np.integer)
-                else int(np.asarray(action).reshape(()))
-            )
-        except (TypeError, ValueError):
-            raise InvalidActionError(
-                f"action {action!r} is not a single integer job index in [0, {n})"
-            ) from None
+        """The job index ``action`` names, or InvalidActionError naming the valid ones."""
+        if self._lb is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
         mask = self.model.action_mask()
+        n = self.instance.n_jobs
+        if isinstance(action, int | np.integer) and not isinstance(action, bool | np.bool_):
+            job = int(action)
+        else:
+            arr = np.asarray(action) if isinstance(action, np.ndarray | list | tuple) else None
+            if arr is None or arr.size != 1 or arr.dtype.kind not in "iu":
+                raise InvalidActionError(
+                    f"action {action!r} is not an integer job index in [0, {n}); "
+                    f"valid actions: {np.flatnonzero(mask).tolist()}"
+                )
+            job = int(arr.reshape(()))
         if not (0 <= job < n) or not mask[job]:
-            valid = np.flatnonzero(mask).tolist()
-            if self.model.all_started:
+            model = self.model
+            if model.all_started:
                 why = "the episode is over; call reset()"
             elif not 0 <= job < n:
                 why = f"there are only {n} jobs"
-            elif self.model.job_next[job] >= self.model.job_end[job]:
+            elif model.job_next[job] >= model.job_end[job]:
                 why = f"job {job} has no operation left"
-            elif self.model.job_ready[job] > self.model.now:
-                why = f"job {job} is still busy until t={self.model.job_ready[job]:g}"
+            elif model.job_ready[job] > model.now:
+                why = f"job {job} is still busy until t={model.job_ready[job]:g}"
             else:
                 why = f"no machine for job {job}'s next operation is idle"
             raise InvalidActionError(
-                f"action {job} is not valid now ({why}); valid actions: {valid}"
+                f"action {job} is not valid now ({why}); valid actions: "
+                f"{np.flatnonzero(mask).tolist()}"
             )
         return job
 

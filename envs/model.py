@@ -48,8 +48,8 @@ class PlantModel:
         release time).
     ``machine_state`` ``(2, n_machines + 1)``, with the row views
         ``machine_free_at`` (when the machine finishes its current operation) and
-        ``machine_work_left`` (expected processing time still to come to it). The extra
-        column is a sentinel machine that is never free.
+        ``machine_work_left`` (processing time still to come that only it can do). The
+        extra column is a sentinel machine that is never free.
 
     Also: ``job_next`` (flat index of each job's next operation, ``job_end`` when done),
     ``job_machine`` (classic shops: the machine of that operation, the sentinel when done),
@@ -66,8 +66,10 @@ class PlantModel:
         n_jobs, n_machines = instance.n_jobs, instance.n_machines
         self._durations = np.ascontiguousarray(instance.durations)
         self._eligible = np.ascontiguousarray(instance.eligible)
-        share = instance.eligible / instance.eligible.sum(axis=1, keepdims=True)
-        self._expected = self._durations * share
+        # Work that can only go to one machine: the machine term of the lower bound.
+        # (On a flexible shop, work with a choice of machines bounds nothing per machine.)
+        exclusive = instance.eligible.sum(axis=1) == 1
+        self._exclusive = self._durations * exclusive[:, None]
         self._min_duration = instance.min_duration
         #: One past each job's last operation, and each job's last operation.
         self.job_end = np.asarray(instance.job_offsets[1:], dtype=np.int64)
@@ -105,7 +107,7 @@ class PlantModel:
         self.job_ops_left[:] = np.diff(inst.job_offsets)
         self.machine_free_at[:] = 0.0
         self._free_ext[-1] = _INF
-        self.machine_work_left[:] = inst.machine_load
+        self.machine_work_left[:] = self._exclusive.sum(axis=0)
         self.machine_op = np.full(inst.n_machines, -1, dtype=np.int64)
         self.op_start = np.full(inst.n_ops, np.nan)
         self.op_end = np.full(inst.n_ops, np.nan)
@@ -221,6 +223,13 @@ class PlantModel:
         With ``machine=None`` the model picks :meth:`choose_machine`. A dispatch the state
         cannot take raises :class:`InvalidActionError` and changes nothing.
         """
+        n_jobs, n_machines = self.instance.n_jobs, self.instance.n_machines
+        if not 0 <= job < n_jobs:
+            raise InvalidActionError(f"job {job} does not exist (jobs are 0..{n_jobs - 1})")
+        if machine is not None and not 0 <= machine < n_machines:
+            raise InvalidActionError(
+                f"machine {machine} does not exist (machines are 0..{n_machines - 1})"
+            )
         op = int(self.job_next[job])
         if op >= self.job_end[job]:
             raise InvalidActionError(f"job {job} has no operation left to dispatch")
@@ -273,7 +282,7 @@ class PlantModel:
                 self.job_machine[job] = self.sentinel
                 self.job_op_time[job] = 0.0
         else:
-            self.machine_work_left -= self._expected[op]
+            self.machine_work_left -= self._exclusive[op]
             n_jobs = len(self.job_ready)
             self._lb_fixed[n_jobs:] = (self.machine_free_at + self.machine_work_left).tolist()
             self._lb_work[n_jobs:] = self.machine_work_left.tolist()
@@ -330,7 +339,7 @@ class PlantModel:
         """A cheap bound on the makespan of any completion of the current partial schedule.
 
         The larger of, over jobs, when the job can go on plus its work left, and over
-        machines, when the machine is free plus the work still coming to it. It equals
+        machines, when the machine is free plus the work that only it can do. It equals
         the makespan once everything has started, which makes ``-(change in bound)`` a
         dense reward whose sum is ``-(makespan - initial bound)``. Computed as
         ``max(max(ready + work), now + max(work))``, which needs no per-step rebuild.
