@@ -43,14 +43,19 @@ def schedule_violations(
     speeds: NDArray[np.float64] | Sequence[float] | None = None,
     *,
     complete: bool = True,
+    exact_times: bool = True,
 ) -> list[str]:
     """Every invariant ``schedule`` breaks on ``instance``; empty when it is valid.
 
     Args:
         instance: The instance the schedule is for.
         schedule: Entries with keys ``job``, ``index``, ``machine``, ``start``, ``end``.
-        speeds: Per-machine speed multipliers the schedule ran at (default all 1).
+        speeds: Per-machine speed multipliers the schedule ran at (default all 1). With
+            ``exact_times=False``, the machines' maximum speeds.
         complete: Require every operation to appear (False checks a partial schedule).
+        exact_times: Require ``end - start`` to equal the processing time. False only
+            requires it to be at least the time at maximum speed: for factory runs, where
+            speeds change and breakdowns interrupt operations.
     """
     problems: list[str] = []
     n = len(schedule)
@@ -87,10 +92,13 @@ def schedule_violations(
         problems.append(f"{_name(instance, op[i])} runs on machine {mach[i]}, which cannot do it")
     speed = np.ones(instance.n_machines) if speeds is None else np.asarray(speeds, np.float64)
     expected = instance.durations[op, mach] / speed[mach]
-    for i in np.flatnonzero(np.abs((end - start) - expected) > _TOL * np.maximum(1, expected)):
+    took = end - start
+    tol = _TOL * np.maximum(1, expected)
+    wrong = np.abs(took - expected) > tol if exact_times else took < expected - tol
+    for i in np.flatnonzero(wrong):
         problems.append(
-            f"{_name(instance, op[i])} on machine {mach[i]} takes {end[i] - start[i]:g}, "
-            f"expected {expected[i]:g}"
+            f"{_name(instance, op[i])} on machine {mach[i]} takes {took[i]:g}, expected "
+            f"{'' if exact_times else 'at least '}{expected[i]:g}"
         )
     for i in np.flatnonzero(start < instance.release[job] - _TOL):
         problems.append(
@@ -129,9 +137,12 @@ def validate_schedule(
     speeds: NDArray[np.float64] | Sequence[float] | None = None,
     *,
     complete: bool = True,
+    exact_times: bool = True,
 ) -> None:
     """Raise :class:`ScheduleError` listing every violation, if there is any."""
-    problems = schedule_violations(instance, schedule, speeds, complete=complete)
+    problems = schedule_violations(
+        instance, schedule, speeds, complete=complete, exact_times=exact_times
+    )
     if problems:
         raise ScheduleError(problems)
 
