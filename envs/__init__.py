@@ -1,6 +1,7 @@
 """The plant model and its Gymnasium environments.
 
-Importing this package registers ``autofab/JobShop-v0`` with Gymnasium::
+Importing this package registers ``autofab/JobShop-v0`` and ``autofab/Factory-v0`` with
+Gymnasium::
 
     import gymnasium as gym
     import autofab.envs
@@ -49,10 +50,9 @@ __all__ = [
 # itself and is held to both env checkers by the tests, so gym.make returns the env and
 # env.action_masks() works without reaching through wrappers (Gymnasium 1.x wrappers do
 # not forward attributes).
-if "autofab/JobShop-v0" not in registry:
-    register(
-        id="autofab/JobShop-v0",
-        entry_point="autofab.envs.jobshop:JobShopEnv",
-        order_enforce=False,
-        disable_env_checker=True,
-    )
+for _id, _entry in (
+    ("autofab/JobShop-v0", "autofab.envs.jobshop:JobShopEnv"),
+    ("autofab/Factory-v0", "autofab.envs.factory:FactoryEnv"),
+):
+    if _id not in registry:
+        register(id=_id, entry_point=_entry, order_enforce=False, disable_env_checker=True)

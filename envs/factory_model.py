@@ -578,7 +578,7 @@ class FactoryModel(PlantModel):
         while x < b - _EPS:
             hour_end = (math.floor(x / 3600.0) + 1) * 3600.0
             y = min(hour_end, b)
-            total += curve[int(x // 3600) % 24] * (y - x)
+            total += float(curve[int(x // 3600) % 24]) * (y - x)
             x = y
         return total / (b - a)
 
