@@ -65,6 +65,10 @@ class MachineStatus(IntEnum):
     MAINTENANCE = 3
 
 
+# Plain ints for the hot paths (an Enum member lookup costs a metaclass __getattr__).
+IDLE, RUNNING, DOWN, MAINTENANCE = (int(s) for s in MachineStatus)
+
+
 @dataclass(frozen=True)
 class Decision:
     """What an idle machine does next: start ``job``'s next operation (``None``: wait until
@@ -292,7 +296,7 @@ class FactoryModel(PlantModel):
 
     def action_mask(self) -> NDArray[np.bool_]:
         """Jobs that some idle machine could start now (material included)."""
-        idle = self.status == MachineStatus.IDLE
+        idle = self.status == IDLE
         nxt = np.minimum(self.job_next, self.last_op)
         return (
             (self.job_next < self.job_end)
@@ -303,7 +307,7 @@ class FactoryModel(PlantModel):
 
     def needs_decision(self) -> NDArray[np.int64]:
         """Idle machines waiting for a decision now."""
-        return np.flatnonzero(self.decision_due & (self.status == MachineStatus.IDLE))
+        return np.flatnonzero(self.decision_due & (self.status == IDLE))
 
     def power_w(self) -> NDArray[np.float64]:
         """Each machine's electrical power now."""
@@ -316,9 +320,9 @@ class FactoryModel(PlantModel):
         load = p.load_w * self.speed**p.power_exponent * (1 + p.power_wear_gain * (1 - health))
         status = self.status
         return np.where(
-            status == MachineStatus.RUNNING,
+            status == RUNNING,
             p.idle_w + load,
-            np.where(status == MachineStatus.IDLE, p.idle_w, p.down_w),
+            np.where(status == IDLE, p.idle_w, p.down_w),
         )
 
     def plant_power_w(self) -> float:
@@ -338,7 +342,7 @@ class FactoryModel(PlantModel):
         """Vibration (mm/s), temperature (deg C) and power (W) per machine, with noise."""
         p = self.plant
         n = p.n_machines
-        running = self.status == MachineStatus.RUNNING
+        running = self.status == RUNNING
         wear = np.maximum(1 - self.health, 0.0) if self.dyn.wear else np.zeros(n)
         vib = np.where(
             running, p.vib_mm_s * self.speed * (1 + p.vib_wear_gain * wear**2), p.vib_idle_mm_s
@@ -389,7 +393,7 @@ class FactoryModel(PlantModel):
                 f"[{p.speed_min[machine]}, {p.speed_max[machine]}]"
             )
         self.speed[machine] = speed
-        if self.status[machine] == MachineStatus.RUNNING:
+        if self.status[machine] == RUNNING:
             self._reschedule_running(machine)
         nxt = np.minimum(self.job_next, self.last_op)
         self.job_op_time[:] = np.where(
@@ -406,7 +410,7 @@ class FactoryModel(PlantModel):
         """Apply a decision for an idle ``machine``: maintain it, start ``job``'s next
         operation on it (at ``speed``), or wait (``job=None``) until the next event or the
         decision interval."""
-        if self.status[machine] != MachineStatus.IDLE:
+        if self.status[machine] != IDLE:
             raise InvalidActionError(
                 f"machine {self.plant.machine_names[machine]} is "
                 f"{MachineStatus(self.status[machine]).name.lower()}, not idle"
@@ -429,12 +433,12 @@ class FactoryModel(PlantModel):
     def start_maintenance(self, machine: int) -> None:
         """Start planned maintenance on an idle machine (a broken one is being repaired)."""
         status = self.status[machine]
-        if status != MachineStatus.IDLE:
+        if status != IDLE:
             raise InvalidActionError(
                 f"machine {self.plant.machine_names[machine]}: maintenance needs an idle "
                 f"machine, it is {MachineStatus(status).name.lower()}"
             )
-        self.status[machine] = MachineStatus.MAINTENANCE
+        self.status[machine] = MAINTENANCE
         self.status_until[machine] = self.now + self.plant.maintenance_s[machine]
         self.machine_free_at[machine] = self.status_until[machine]
         self.decision_due[machine] = False
@@ -449,7 +453,7 @@ class FactoryModel(PlantModel):
             self.stock[mat] -= self.orders.op_quantity[op]
             self._maybe_reorder(mat)
         self.start(job, machine)
-        self.status[machine] = MachineStatus.RUNNING
+        self.status[machine] = RUNNING
         self.work_left[machine] = self._durations[op, machine]
         self._op_speed[op] = self.speed[machine]
         self.wake_at[machine] = _INF
@@ -481,7 +485,7 @@ class FactoryModel(PlantModel):
         n = p.n_machines
         if not self.dyn.failures:
             return np.full(n, _INF)
-        running = self.status == MachineStatus.RUNNING
+        running = self.status == RUNNING
         a = self.hazard_per_s()
         r = self._wear_rate() * running
         kr = p.hazard_sensitivity * r
@@ -500,7 +504,7 @@ class FactoryModel(PlantModel):
     def next_event_time(self) -> float:
         """The next time anything happens: completion, breakdown, end of repair or
         maintenance, order arrival, delivery, a machine's wake-up, or the horizon."""
-        running = self.status == MachineStatus.RUNNING
+        running = self.status == RUNNING
         t = self.horizon
         if running.any():
             t = min(t, float((self.now + self.work_left[running] / self.speed[running]).min()))
@@ -512,7 +516,7 @@ class FactoryModel(PlantModel):
             t = min(t, float(upcoming.min()))
         if self._deliveries:
             t = min(t, self._deliveries[0][0])
-        idle = self.status == MachineStatus.IDLE
+        idle = self.status == IDLE
         if idle.any():
             t = min(t, float(self.wake_at[idle].min()))
         return max(t, self.now)
@@ -524,7 +528,7 @@ class FactoryModel(PlantModel):
             return
         p = self.plant
         status = self.status
-        running = status == MachineStatus.RUNNING
+        running = status == RUNNING
         # Power is linear in time while running (health falls linearly): exact energy.
         r = self._wear_rate() * running
         p0 = self._power(self.health)
@@ -565,8 +569,8 @@ class FactoryModel(PlantModel):
         # Counters.
         self.run_s += dt * running
         self.run_since_maintenance_s += dt * running
-        self.down_s += dt * (status == MachineStatus.DOWN)
-        self.maintenance_s += dt * (status == MachineStatus.MAINTENANCE)
+        self.down_s += dt * (status == DOWN)
+        self.maintenance_s += dt * (status == MAINTENANCE)
         self.work_left -= np.where(running, self.speed * dt, 0.0)
         self.now = t
 
@@ -622,11 +626,11 @@ class FactoryModel(PlantModel):
         self._mask = None
         new_work = False
         # Completions first: a machine that finishes at the instant it would fail, finishes.
-        running = self.status == MachineStatus.RUNNING
+        running = self.status == RUNNING
         for m in np.flatnonzero(running & (self.work_left <= 1e-6 * self._max_duration)):
             self._complete(int(m))
             new_work = True
-        running = self.status == MachineStatus.RUNNING
+        running = self.status == RUNNING
         for m in np.flatnonzero(running & (self.budget <= 1e-12)):
             self._breakdown(int(m))
         for m in np.flatnonzero(self.status_until <= now + _EPS):
@@ -640,7 +644,7 @@ class FactoryModel(PlantModel):
         release = self.instance.release
         if np.any((release > t0 + _EPS) & (release <= now + _EPS)):
             new_work = True
-        idle = self.status == MachineStatus.IDLE
+        idle = self.status == IDLE
         woken = idle & (self.wake_at <= now + _EPS)
         self.wake_at[woken] = _INF
         self.decision_due |= woken
@@ -652,7 +656,7 @@ class FactoryModel(PlantModel):
         mean, cv = p.repair_mean_s[m], p.repair_cv[m]
         sigma = math.sqrt(math.log1p(cv * cv))
         repair = float(self.rng.lognormal(math.log(mean) - sigma * sigma / 2, sigma))
-        self.status[m] = MachineStatus.DOWN
+        self.status[m] = DOWN
         self.status_until[m] = self.now + repair
         self.breakdowns[m] += 1
         self.events.append((self.now, "breakdown", m, f"repair {repair / 3600:.2f} h"))
@@ -670,7 +674,7 @@ class FactoryModel(PlantModel):
     def _restore(self, m: int) -> None:
         p = self.plant
         was = self.status[m]
-        if was == MachineStatus.DOWN:
+        if was == DOWN:
             self.health[m] = max(self.health[m], p.repair_health[m])
             kind = "repaired"
         else:
@@ -682,11 +686,11 @@ class FactoryModel(PlantModel):
         self.status_until[m] = _INF
         self.events.append((self.now, kind, m, ""))
         op = int(self.machine_op[m])
-        if was == MachineStatus.DOWN and op >= 0 and self.work_left[m] > 1e-9:
-            self.status[m] = MachineStatus.RUNNING
+        if was == DOWN and op >= 0 and self.work_left[m] > 1e-9:
+            self.status[m] = RUNNING
             self._reschedule_running(m)
         else:
-            self.status[m] = MachineStatus.IDLE
+            self.status[m] = IDLE
             self.machine_free_at[m] = self.now
             self.decision_due[m] = True
         self._record_power()
@@ -699,7 +703,7 @@ class FactoryModel(PlantModel):
         self.op_end[op] = now
         self.job_ready[job] = now
         self.machine_free_at[m] = now
-        self.status[m] = MachineStatus.IDLE
+        self.status[m] = IDLE
         self.work_left[m] = 0.0
         self.decision_due[m] = True
         self.ideal_s[m] += self._durations[op, m] / p.speed_max[m]
