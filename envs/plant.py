@@ -193,6 +193,16 @@ class MachineType(_Strict):
     quality: QualitySpec = QualitySpec()
     sensors: SensorSpec = SensorSpec()
 
+    @model_validator(mode="after")
+    def _maintenance_shorter_than_repair(self) -> MachineType:
+        if self.maintenance.duration_hours >= self.repair.mean_hours:
+            raise ValueError(
+                f"maintenance.duration_hours ({self.maintenance.duration_hours}) must be less "
+                f"than repair.mean_hours ({self.repair.mean_hours}): planned maintenance is "
+                "what avoids the longer repair"
+            )
+        return self
+
 
 class MachineEntry(_Strict):
     """Machines of one type on a line. With ``count > 1`` the name is a pattern with
