@@ -94,6 +94,7 @@ class OrderBook:
     job_product: NDArray[np.int64]  # product index of each job
     op_material: NDArray[np.int64]  # material index consumed at start, -1 for none
     op_quantity: NDArray[np.float64]
+    op_load: NDArray[np.float64]  # relative load: scales load power, wear and vibration
 
 
 def generate_orders(plant: PlantArrays, horizon_s: float, rng: np.random.Generator) -> OrderBook:
@@ -128,6 +129,7 @@ def generate_orders(plant: PlantArrays, horizon_s: float, rng: np.random.Generat
     op_cap: list[str] = []
     op_material: list[int] = []
     op_qty: list[float] = []
+    op_load: list[float] = []
     due: list[float] = []
     for arrival, k in zip(arrivals, kinds, strict=True):
         product = products[int(k)]
@@ -139,6 +141,7 @@ def generate_orders(plant: PlantArrays, horizon_s: float, rng: np.random.Generat
             use = cfg.dynamics.supply and step.material is not None
             op_material.append(material_index[step.material] if use else -1)  # type: ignore[index]
             op_qty.append(step.quantity if use else 0.0)
+            op_load.append(step.load)
             work += seconds
         offsets.append(offsets[-1] + len(product.route))
         due.append(arrival + cfg.orders.due_slack * work)
@@ -163,6 +166,7 @@ def generate_orders(plant: PlantArrays, horizon_s: float, rng: np.random.Generat
         job_product=kinds.astype(np.int64),
         op_material=np.asarray(op_material, dtype=np.int64),
         op_quantity=np.asarray(op_qty, dtype=np.float64),
+        op_load=np.asarray(op_load, dtype=np.float64),
     )
 
 
@@ -230,6 +234,11 @@ class FactoryModel(PlantModel):
         self.work_left = np.zeros(n)
         self.temperature_c = p.ambient_c.copy()
         self.budget = self.rng.exponential(1.0, size=n)
+        # Sensor noise has its own stream, so reading sensors never changes the run.
+        self.sensor_rng = np.random.default_rng(int(self.rng.integers(2**63)))
+        #: Relative load of the operation each machine runs (1 when idle).
+        self.load = np.ones(n)
+        self._material_taken = np.zeros(self.instance.n_ops, dtype=bool)
         self.decision_due = np.ones(n, dtype=bool)
         self.wake_at = np.full(n, _INF)
         self.last_maintenance = np.zeros(n)
@@ -317,7 +326,12 @@ class FactoryModel(PlantModel):
         p = self.plant
         if not self.dyn.energy:
             return np.zeros(p.n_machines)
-        load = p.load_w * self.speed**p.power_exponent * (1 + p.power_wear_gain * (1 - health))
+        load = (
+            p.load_w
+            * self.load
+            * self.speed**p.power_exponent
+            * (1 + p.power_wear_gain * (1 - health))
+        )
         status = self.status
         return np.where(
             status == RUNNING,
@@ -345,7 +359,9 @@ class FactoryModel(PlantModel):
         running = self.status == RUNNING
         wear = np.maximum(1 - self.health, 0.0) if self.dyn.wear else np.zeros(n)
         vib = np.where(
-            running, p.vib_mm_s * self.speed * (1 + p.vib_wear_gain * wear**2), p.vib_idle_mm_s
+            running,
+            p.vib_mm_s * self.speed * np.sqrt(self.load) * (1 + p.vib_wear_gain * wear**2),
+            p.vib_idle_mm_s,
         )
         out = {
             "vibration_mm_s": vib,
@@ -354,7 +370,7 @@ class FactoryModel(PlantModel):
         }
         if noise and self.dyn.sensors:
             for key in out:
-                out[key] = out[key] * (1 + p.sensor_noise * self.rng.standard_normal(n))
+                out[key] = out[key] * (1 + p.sensor_noise * self.sensor_rng.standard_normal(n))
         return out
 
     def hazard_per_s(self) -> NDArray[np.float64]:
@@ -382,16 +398,9 @@ class FactoryModel(PlantModel):
     def set_speed(self, machine: int, speed: float) -> None:
         """Change a machine's speed setpoint, within its limits; a running operation's
         remaining work continues at the new speed."""
-        p = self.plant
-        if not math.isfinite(speed):
-            raise ValueError(f"machine {machine}: speed must be finite, got {speed}")
+        self._check_speed(machine, speed)
         if not self.dyn.speed:
-            speed = float(p.speed_nominal[machine])
-        if not p.speed_min[machine] - _EPS <= speed <= p.speed_max[machine] + _EPS:
-            raise ValueError(
-                f"machine {self.plant.machine_names[machine]}: speed {speed} outside "
-                f"[{p.speed_min[machine]}, {p.speed_max[machine]}]"
-            )
+            speed = float(self.plant.speed_nominal[machine])
         self.speed[machine] = speed
         if self.status[machine] == RUNNING:
             self._reschedule_running(machine)
@@ -409,26 +418,48 @@ class FactoryModel(PlantModel):
     ) -> None:
         """Apply a decision for an idle ``machine``: maintain it, start ``job``'s next
         operation on it (at ``speed``), or wait (``job=None``) until the next event or the
-        decision interval."""
+        decision interval. Everything is checked first: a refused decision changes nothing.
+        """
+        n = self.plant.n_machines
+        if not isinstance(machine, int | np.integer) or not 0 <= machine < n:
+            raise InvalidActionError(
+                f"machine {machine!r} does not exist (machines are 0..{n - 1})"
+            )
+        name = self.plant.machine_names[machine]
         if self.status[machine] != IDLE:
             raise InvalidActionError(
-                f"machine {self.plant.machine_names[machine]} is "
-                f"{MachineStatus(self.status[machine]).name.lower()}, not idle"
+                f"machine {name} is {MachineStatus(self.status[machine]).name.lower()}, not idle"
             )
+        if speed is not None:
+            self._check_speed(machine, speed)
+        if not maintain and job is not None:
+            candidates = self.candidates(machine)
+            if job not in set(candidates.tolist()):
+                raise InvalidActionError(
+                    f"job {job} cannot start on machine {name} now; candidates: "
+                    f"{candidates.tolist()}"
+                )
         if speed is not None:
             self.set_speed(machine, speed)
         self.decision_due[machine] = False
         if maintain:
             self.start_maintenance(machine)
         elif job is not None:
-            if job not in set(self.candidates(machine).tolist()):
-                raise InvalidActionError(
-                    f"job {job} cannot start on machine {self.plant.machine_names[machine]} "
-                    f"now; candidates: {self.candidates(machine).tolist()}"
-                )
             self._start_op(int(job), machine)
         else:
             self.wake_at[machine] = self.now + self.decision_interval
+
+    def _check_speed(self, machine: int, speed: float) -> None:
+        p = self.plant
+        if not isinstance(speed, int | float | np.number) or not math.isfinite(speed):
+            raise InvalidActionError(
+                f"machine {p.machine_names[machine]}: speed must be a finite number, got {speed!r}"
+            )
+        if not p.speed_min[machine] - _EPS <= speed <= p.speed_max[machine] + _EPS:
+            raise InvalidActionError(
+                f"machine {p.machine_names[machine]}: speed {speed} outside "
+                f"[{p.speed_min[machine]}, {p.speed_max[machine]}]"
+            )
 
     def start_maintenance(self, machine: int) -> None:
         """Start planned maintenance on an idle machine (a broken one is being repaired)."""
@@ -449,10 +480,12 @@ class FactoryModel(PlantModel):
     def _start_op(self, job: int, machine: int) -> None:
         op = int(self.job_next[job])
         mat = int(self.orders.op_material[op])
-        if mat >= 0:
+        if mat >= 0 and not self._material_taken[op]:
             self.stock[mat] -= self.orders.op_quantity[op]
+            self._material_taken[op] = True
             self._maybe_reorder(mat)
         self.start(job, machine)
+        self.load[machine] = self.orders.op_load[op]
         self.status[machine] = RUNNING
         self.work_left[machine] = self._durations[op, machine]
         self._op_speed[op] = self.speed[machine]
@@ -499,7 +532,7 @@ class FactoryModel(PlantModel):
         p = self.plant
         if not self.dyn.wear:
             return np.zeros(p.n_machines)
-        return p.wear_per_s * self.speed**p.wear_speed_exponent
+        return p.wear_per_s * self.load * self.speed**p.wear_speed_exponent
 
     def next_event_time(self) -> float:
         """The next time anything happens: completion, breakdown, end of repair or
@@ -546,11 +579,15 @@ class FactoryModel(PlantModel):
             self.power_trace.append((t, plant1))
             top = max(plant0, plant1)
             self.peak_w = max(self.peak_w, top)
-            if top > self.cap_w + _EPS:
-                self.over_cap_s += dt
+            cap = self.cap_w
+            if top > cap + _EPS:
+                # Power is linear over the interval: count only the part above the cap.
+                low = min(plant0, plant1)
+                share = 1.0 if low >= cap else (top - cap) / (top - low)
+                self.over_cap_s += dt * share
                 if not self._over_cap:
                     self.cap_violations += 1
-                self._over_cap = True
+                self._over_cap = plant1 > cap + _EPS
             else:
                 self._over_cap = False
         # Hazard budget used by running machines over the interval.
@@ -648,8 +685,18 @@ class FactoryModel(PlantModel):
         woken = idle & (self.wake_at <= now + _EPS)
         self.wake_at[woken] = _INF
         self.decision_due |= woken
-        if new_work:
-            self.decision_due |= idle
+        if new_work and idle.any():
+            self.decision_due |= idle & self._machines_with_work()
+
+    def _machines_with_work(self) -> NDArray[np.bool_]:
+        """Machines for which some job could start now (capability, readiness, material)."""
+        nxt = np.minimum(self.job_next, self.last_op)
+        ready = (
+            (self.job_next < self.job_end)
+            & (self.job_ready <= self.now + _EPS)
+            & self.material_available(nxt)
+        )
+        return self._eligible[nxt[ready]].any(axis=0)
 
     def _breakdown(self, m: int) -> None:
         p = self.plant
@@ -705,6 +752,7 @@ class FactoryModel(PlantModel):
         self.machine_free_at[m] = now
         self.status[m] = IDLE
         self.work_left[m] = 0.0
+        self.load[m] = 1.0
         self.decision_due[m] = True
         self.ideal_s[m] += self._durations[op, m] / p.speed_max[m]
         defective = self.dyn.quality and self.rng.random() < self.defect_probability(m)
@@ -723,11 +771,15 @@ class FactoryModel(PlantModel):
             self.parts_defective[m] += 1
             self.events.append((now, "defect", m, f"job {job} op {self.instance.op_index[op]}"))
             if self.plant.config.on_defect == "rework":
+                # The same part is machined again: no new material.
                 self.ops_reworked += 1
                 self._rewind(job, op)
             else:
+                # The part is scrapped: the order restarts with fresh material.
                 self.jobs_scrapped += 1
-                self._rewind(job, int(self.instance.job_offsets[job]))
+                first = int(self.instance.job_offsets[job])
+                self._material_taken[first : op + 1] = False
+                self._rewind(job, first)
         else:
             self.parts_good[m] += 1
             if op == self.last_op[job]:

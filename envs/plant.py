@@ -60,21 +60,28 @@ def parse_duration(text: str | float | int) -> float:
                 f"duration {text!r} is not understood; write it like 8h, 30m, 90s or 1.5h"
             )
         seconds = float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "s").lower()]
-    if not (math.isfinite(seconds) and seconds > 0):
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {text!r} must be finite")
+    if seconds <= 0:
         raise ValueError(f"duration {text!r} must be positive")
     return seconds
 
 
 def format_duration(seconds: float) -> str:
-    """``28800`` -> ``8h``, ``5400`` -> ``1.5h``, ``90`` -> ``90s``."""
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds >= size and (seconds / size) * 10 == int((seconds / size) * 10):
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+    """The shortest exact form that :func:`parse_duration` reads back:
+    ``28800`` -> ``8h``, ``5400`` -> ``90m``, ``90`` -> ``90s``, ``1.5`` -> ``1.5s``."""
+    if float(seconds).is_integer():
+        whole = int(seconds)
+        for unit, size in (("h", 3600), ("m", 60)):
+            if whole % size == 0:
+                return f"{whole // size}{unit}"
+        return f"{whole}s"
+    return f"{seconds!r}s"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion (YAML's `yes` is not 1.0, "3" is not 3); no inf or nan anywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 Positive = Field(gt=0)
@@ -237,6 +244,9 @@ class RouteStep(_Strict):
     minutes: float = Field(gt=0)
     material: str | None = None
     quantity: float = Field(1.0, gt=0)
+    #: Relative load of the operation (1 = the machine type's rated load): scales the
+    #: load power, the wear rate and the vibration.
+    load: float = Field(1.0, gt=0, le=3)
 
 
 class ProductSpec(_Strict):
@@ -278,9 +288,9 @@ class EnergySpec(_Strict):
 
     @field_validator("tariff_per_kwh", "carbon_g_per_kwh")
     @classmethod
-    def _finite(cls, v: list[float]) -> list[float]:
-        if any(not math.isfinite(x) or x < 0 for x in v):
-            raise ValueError("every hourly value must be a finite number >= 0")
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        if any(x < 0 for x in v):
+            raise ValueError("every hourly value must be >= 0")
         return v
 
 
@@ -301,7 +311,7 @@ class PlantConfig(_Strict):
     """A whole plant, as written in its YAML file."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
-    horizon: str = "8h"
+    horizon: str | float = "8h"
     shift_start_hour: float = Field(6.0, ge=0, lt=24)
     decision_interval_minutes: float = Field(15.0, gt=0)
     on_defect: Literal["scrap", "rework"] = "scrap"
@@ -315,7 +325,7 @@ class PlantConfig(_Strict):
 
     @field_validator("horizon")
     @classmethod
-    def _horizon(cls, v: str) -> str:
+    def _horizon(cls, v: str | float) -> str | float:
         parse_duration(v)
         return v
 
@@ -397,7 +407,11 @@ def load_plant(source: str | Path | Mapping[str, Any] | PlantConfig) -> PlantCon
         path = _resolve_config_path(source)
         where = str(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError as exc:
+            raise PlantConfigError(f"plant config {where} is not UTF-8 text: {exc}") from None
+        except OSError as exc:
+            raise PlantConfigError(f"plant config {where} cannot be read: {exc}") from None
         except yaml.YAMLError as exc:
             raise PlantConfigError(f"plant config {where} is not valid YAML: {exc}") from None
         if not isinstance(data, Mapping):
@@ -408,6 +422,21 @@ def load_plant(source: str | Path | Mapping[str, Any] | PlantConfig) -> PlantCon
         return PlantConfig.model_validate(data)
     except ValidationError as exc:
         raise PlantConfigError(_format_errors(exc, where)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys (YAML would keep the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def shipped_configs_dir() -> Path:
