@@ -1,11 +1,13 @@
 """The ``autofab`` command line.
 
 ``autofab schedule`` solves a job-shop instance with the dispatching-rule baselines,
-``autofab instances`` lists the classic benchmarks, ``autofab version`` names the release.
+``autofab simulate`` runs a shift of a plant config under a baseline policy, ``autofab
+instances`` lists the classic benchmarks, ``autofab version`` names the release.
 
-Exit codes: 0 on success; 2 for bad input (an unknown instance or rule, a malformed spec, an
-output file that cannot be written), reported as one red line on stderr, never a traceback;
-1 when autofab itself fails a check (a rule produced an invalid schedule: a bug to report).
+Exit codes: 0 on success; 2 for bad input (an unknown instance, config, rule or policy, a
+malformed spec or duration, an output file that cannot be written), reported as one red
+line on stderr, never a traceback; 1 when autofab itself fails a check (a rule produced an
+invalid schedule, a policy an invalid decision: a bug to report).
 matplotlib is imported only when a chart is asked for, so ``autofab --help`` stays quick.
 """
 
@@ -23,11 +25,15 @@ from typing import Annotated, Any, NoReturn
 
 import gymnasium as gym
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import autofab.envs  # noqa: F401  (registers autofab/JobShop-v0 with Gymnasium)
+from autofab.envs.baselines import FactoryPolicy, policy_from_spec, spec_help
+from autofab.envs.factory_model import Decision, FactoryModel, run_shift
 from autofab.envs.instances import (
     Instance,
     InstanceError,
@@ -36,10 +42,12 @@ from autofab.envs.instances import (
     load_instance,
     random_instance,
 )
+from autofab.envs.model import InvalidActionError
+from autofab.envs.plant import format_duration, load_plant, parse_duration
 from autofab.envs.rules import RULE_DESCRIPTIONS, RULES, RulePolicy, run_episode
 from autofab.envs.validate import ScheduleError, validate_schedule
 
-__all__ = ["RuleResult", "app", "parse_rules", "resolve_instance", "run_rule"]
+__all__ = ["RuleResult", "app", "parse_rules", "resolve_instance", "run_rule", "simulate_shift"]
 
 ENV_ID = "autofab/JobShop-v0"
 #: Exit code for bad input, the same code click uses for usage errors.
@@ -365,6 +373,134 @@ def schedule(
         _write_json(json_path, inst, seed, best, results)
     if gantt is not None:
         _write_gantt(gantt, inst, best)
+
+
+def simulate_shift(model: FactoryModel, policy: FactoryPolicy) -> dict[str, Any]:
+    """Run ``model`` to the end of its shift under ``policy``; returns its KPIs.
+
+    The policy is wrapped to move a progress bar in plant time (on a terminal only; it
+    disappears when done). The wrapper only watches, so the result is exactly
+    ``run_shift(model, policy)``'s.
+    """
+    horizon = format_duration(model.horizon)
+    with Progress(
+        TextColumn("simulating"),
+        BarColumn(),
+        TextColumn("{task.fields[clock]} of " + horizon),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task("shift", total=model.horizon, clock="0s")
+
+        def watched(m: FactoryModel, machine: int) -> Decision:
+            progress.update(task, completed=m.now, clock=f"{m.now / 3600:.1f}h")
+            return policy(m, machine)
+
+        return run_shift(model, watched)
+
+
+_POLICY_HELP = spec_help()[0].upper() + spec_help()[1:] + "."
+
+
+def _run_folder(out: Path | None, plant: str, policy: str, seed: int) -> Path:
+    """``--out``, or ``runs/{plant}__{policy}__{seed}__{unix time}`` (CleanRL's run naming)."""
+    if out is not None:
+        return out
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", policy)
+    return Path("runs") / f"{plant}__{slug}__{seed}__{int(time.time())}"
+
+
+@app.command()
+def simulate(
+    config: Annotated[
+        str,
+        typer.Argument(
+            help="A plant YAML file, or a shipped plant name such as 'demo'.",
+            show_default=False,
+        ),
+    ],
+    policy: Annotated[
+        str,
+        typer.Option("--policy", "-p", help=_POLICY_HELP),
+    ] = "rule:mwkr",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the shift: orders, conditions, failures.")
+    ] = 0,
+    horizon: Annotated[
+        str | None,
+        typer.Option(
+            "--horizon",
+            metavar="DURATION",
+            help="Simulated time, like 8h, 90m or 2d (default: the config's horizon).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Folder for report.json, shift.png and config.yml "
+            "(default: runs/PLANT__POLICY__SEED__TIME).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Simulate a shift of a plant under a baseline policy; report its KPIs.
+
+    Prints the KPI table and writes into the run folder: report.json (KPIs, per-machine
+    figures, every operation, events, the power curve), shift.png (a Gantt chart above
+    the power curve against the cap) and config.yml (the plant as validated).
+
+    Example: [bold]autofab simulate demo --policy rule:mwkr+cbm+tariff --seed 1[/bold]
+    """
+    with _user_errors():
+        plant = load_plant(config)
+        horizon_s = None if horizon is None else _parse_horizon(horizon)
+        chosen = policy_from_spec(policy)
+        spec = chosen.spec
+        model = FactoryModel.from_config(plant, seed=seed, horizon_s=horizon_s)
+    try:
+        kpis = simulate_shift(model, chosen)
+    except InvalidActionError as exc:
+        _fail(
+            f"policy {spec} made an invalid decision; this is a bug in autofab, please "
+            f"report it. {exc}",
+            code=EXIT_INTERNAL,
+        )
+    from autofab.control.report import kpi_rows, shift_chart, shift_report, write_json
+
+    table = Table(
+        title=f"{escape(plant.name)}: {escape(spec)}, seed {seed}, {format_duration(model.horizon)}"
+    )
+    table.add_column("KPI")
+    table.add_column("Value", justify="right")
+    table.add_column("Unit")
+    for name, value, unit in kpi_rows(kpis, plant.energy.currency):
+        table.add_row(escape(name), value, escape(unit))
+    console.print(table)
+
+    folder = _run_folder(out, plant.name, spec, seed)
+    with _user_errors(f"cannot write to --out folder {str(folder)!r}"):
+        folder.mkdir(parents=True, exist_ok=True)
+        report = write_json(
+            shift_report(model, kpis, policy=spec, seed=seed), folder / "report.json"
+        )
+        (folder / "config.yml").write_text(
+            yaml.safe_dump(plant.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+        )
+        chart = shift_chart(model, folder / "shift.png", title=f"{plant.name}: {spec}, seed {seed}")
+    console.print(f"wrote report to {escape(str(report))}")
+    console.print(f"wrote chart to {escape(str(chart))}")
+
+
+def _parse_horizon(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"--horizon: {exc}") from None
 
 
 @app.command()
