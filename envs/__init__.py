@@ -11,6 +11,10 @@ Gymnasium::
 
 from gymnasium.envs.registration import register, registry
 
+from autofab.envs import parallel as factory_parallel_v0
+from autofab.envs.baselines import FactoryPolicy, policy_from_spec
+from autofab.envs.factory import FactoryEnv
+from autofab.envs.factory_model import Decision, FactoryModel, run_shift
 from autofab.envs.instances import (
     Instance,
     InstanceError,
@@ -23,24 +27,35 @@ from autofab.envs.instances import (
 )
 from autofab.envs.jobshop import JobShopEnv
 from autofab.envs.model import InvalidActionError, PlantModel
+from autofab.envs.plant import PlantConfig, PlantConfigError, load_plant
 from autofab.envs.rules import RULES, RulePolicy, run_episode
 from autofab.envs.validate import ScheduleError, schedule_violations, validate_schedule
 
 __all__ = [
     "RULES",
+    "Decision",
+    "FactoryEnv",
+    "FactoryModel",
+    "FactoryPolicy",
     "Instance",
     "InstanceError",
     "InvalidActionError",
     "JobShopEnv",
+    "PlantConfig",
+    "PlantConfigError",
     "PlantModel",
     "RulePolicy",
     "ScheduleError",
     "benchmark_names",
+    "factory_parallel_v0",
     "instance_from_dict",
     "instance_to_dict",
     "load_instance",
+    "load_plant",
+    "policy_from_spec",
     "random_instance",
     "run_episode",
+    "run_shift",
     "save_instance",
     "schedule_violations",
     "validate_schedule",

@@ -21,6 +21,11 @@ __all__ = [
     "FactoryEnv",
     "FactoryObserver",
     "MaskedMultiDiscrete",
+    "check_factory_args",
+    "merge_reward_weights",
+    "plant_arrays",
+    "reward_totals",
+    "speed_of_level",
 ]
 
 #: Reward = sum of weight x change over the step, see :class:`FactoryEnv`.
@@ -31,15 +36,68 @@ DEFAULT_REWARD_WEIGHTS: dict[str, float] = {
     "over_cap_h": 20.0,  # per hour spent above the plant peak-power cap
     "cap_violations": 1.0,  # per new excursion above the cap
     "scrap": 0.5,  # per scrapped part
+    "maintenance": 0.25,  # per maintenance started (technician time and parts)
 }
 
 PlantSpec = str | Path | Mapping[str, Any] | PlantConfig | PlantArrays
 
 
-def _plant_arrays(plant: PlantSpec) -> PlantArrays:
+def plant_arrays(plant: PlantSpec) -> PlantArrays:
+    """Compile a plant given by name, path, mapping or config (arrays pass through)."""
     if isinstance(plant, PlantArrays):
         return plant
     return compile_plant(load_plant(plant))
+
+
+def check_factory_args(
+    slots: int, speed_levels: int, invalid_action: str, render_mode: str | None
+) -> None:
+    """The argument checks shared by ``Factory-v0`` and ``factory_parallel_v0``."""
+    if render_mode is not None and render_mode != "ansi":
+        raise ValueError(f"render_mode {render_mode!r} is not supported; use 'ansi' or None")
+    if not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
+    if not isinstance(speed_levels, int) or speed_levels < 1:
+        raise ValueError(f"speed_levels must be an integer >= 1, got {speed_levels!r}")
+    if invalid_action not in ("wait", "raise"):
+        raise ValueError(f"invalid_action must be 'wait' or 'raise', got {invalid_action!r}")
+
+
+def merge_reward_weights(overrides: Mapping[str, float] | None) -> dict[str, float]:
+    """:data:`DEFAULT_REWARD_WEIGHTS` with ``overrides``; unknown or non-finite ones refused."""
+    weights = dict(DEFAULT_REWARD_WEIGHTS)
+    for key, value in (overrides or {}).items():
+        if key not in weights:
+            raise ValueError(
+                f"unknown reward weight {key!r}; known: {sorted(DEFAULT_REWARD_WEIGHTS)}"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"reward weight {key!r} must be a finite number, got {value!r}")
+        weights[key] = float(value)
+    return weights
+
+
+def reward_totals(model: FactoryModel) -> dict[str, float]:
+    """Running totals whose weighted change is the reward (costs enter negated)."""
+    return {
+        "parts": float(model.jobs_done),
+        "tardiness_h": -model.tardiness() / 3600.0,
+        "energy_cost": -model.cost,
+        "over_cap_h": -model.over_cap_s / 3600.0,
+        "cap_violations": -float(model.cap_violations),
+        "scrap": -float(model.jobs_scrapped),
+        "maintenance": -float(model.maintenances.sum()),
+    }
+
+
+def speed_of_level(plant: PlantArrays, machine: int, level: int, levels: int) -> float:
+    """Speed level ``level`` of ``levels``, evenly spaced over the machine's [min, max]."""
+    low, high = float(plant.speed_min[machine]), float(plant.speed_max[machine])
+    return low if levels == 1 else low + (high - low) * level / (levels - 1)
 
 
 class MaskedMultiDiscrete(spaces.MultiDiscrete):
@@ -51,6 +109,10 @@ class MaskedMultiDiscrete(spaces.MultiDiscrete):
         self.live_mask: NDArray[np.bool_] | None = None
 
     def sample(self, mask: Any = None, probability: Any = None) -> NDArray[np.int64]:
+        """Sample from ``mask`` (a tuple per component, or one flat boolean array like
+        ``action_masks()``), else from the live mask, else uniformly."""
+        if isinstance(mask, np.ndarray) and mask.shape == (int(self.nvec.sum()),):
+            mask = tuple(np.split(mask.astype(np.int8), np.cumsum(self.nvec)[:-1]))
         live = self.live_mask
         if mask is None and probability is None and live is not None:
             parts = np.split(live.astype(np.int8), np.cumsum(self.nvec)[:-1])
@@ -250,29 +312,13 @@ class FactoryEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
         invalid_action: Literal["wait", "raise"] = "wait",
         render_mode: str | None = None,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode {render_mode!r} is not supported; use 'ansi' or None")
-        if not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
-        if not isinstance(speed_levels, int) or speed_levels < 1:
-            raise ValueError(f"speed_levels must be an integer >= 1, got {speed_levels!r}")
-        if invalid_action not in ("wait", "raise"):
-            raise ValueError(f"invalid_action must be 'wait' or 'raise', got {invalid_action!r}")
+        check_factory_args(slots, speed_levels, invalid_action, render_mode)
         self.render_mode = render_mode
-        self.plant = _plant_arrays(plant)
+        self.plant = plant_arrays(plant)
         self.horizon_s = (
             self.plant.config.horizon_seconds if horizon is None else parse_duration(horizon)
         )
-        weights = dict(DEFAULT_REWARD_WEIGHTS)
-        for key, value in (reward_weights or {}).items():
-            if key not in weights:
-                raise ValueError(
-                    f"unknown reward weight {key!r}; known: {sorted(DEFAULT_REWARD_WEIGHTS)}"
-                )
-            if not math.isfinite(value):
-                raise ValueError(f"reward weight {key!r} must be finite, got {value}")
-            weights[key] = float(value)
-        self.reward_weights = weights
+        self.reward_weights = merge_reward_weights(reward_weights)
         self.invalid_action = invalid_action
         self.slots = slots
         self.speed_levels = speed_levels
@@ -311,13 +357,7 @@ class FactoryEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
         slot, level, maintain = self._parse(action)
         m = self.focus
         p = self.plant
-        speed = (
-            float(p.speed_min[m])
-            if self.speed_levels == 1
-            else float(
-                p.speed_min[m] + (p.speed_max[m] - p.speed_min[m]) * level / (self.speed_levels - 1)
-            )
-        )
+        speed = speed_of_level(p, m, level, self.speed_levels)
         job: int | None = None
         if slot < len(self._slot_jobs):
             job = int(self._slot_jobs[slot])
@@ -387,16 +427,8 @@ class FactoryEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
         self.action_space.live_mask = self.action_masks()
 
     def _reward_totals(self) -> dict[str, float]:
-        m = self.model
-        assert m is not None
-        return {
-            "parts": float(m.jobs_done),
-            "tardiness_h": -m.tardiness() / 3600.0,
-            "energy_cost": -m.cost,
-            "over_cap_h": -m.over_cap_s / 3600.0,
-            "cap_violations": -float(m.cap_violations),
-            "scrap": -float(m.jobs_scrapped),
-        }
+        assert self.model is not None
+        return reward_totals(self.model)
 
     def _observation(self) -> NDArray[np.float32]:
         model = self.model

@@ -242,7 +242,12 @@ class FactoryModel(PlantModel):
         self.decision_due = np.ones(n, dtype=bool)
         self.wake_at = np.full(n, _INF)
         self.last_maintenance = np.zeros(n)
-        self.run_since_maintenance_s = np.zeros(n)
+        # A machine's age in running time since its last maintenance, consistent with the
+        # health it starts the shift with (at rated speed and load); a maintenance log
+        # would tell a fixed-interval planner as much.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            age = np.where(p.wear_per_s > 0, (1 - self.health) / p.wear_per_s, 0.0)
+        self.run_since_maintenance_s = age
         # OEE counters and totals per machine.
         self.run_s = np.zeros(n)
         self.down_s = np.zeros(n)

@@ -20,7 +20,6 @@ so a policy trained here meets the same plant.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -32,18 +31,21 @@ from pettingzoo import AECEnv, ParallelEnv
 from pettingzoo.utils.conversions import parallel_to_aec, parallel_to_aec_wrapper
 
 from autofab.envs.factory import (
-    DEFAULT_REWARD_WEIGHTS,
     FactoryObserver,
     MaskedMultiDiscrete,
     PlantSpec,
+    check_factory_args,
+    merge_reward_weights,
+    plant_arrays,
+    reward_totals,
+    speed_of_level,
 )
 from autofab.envs.factory_model import FactoryModel, MachineStatus
 from autofab.envs.model import InvalidActionError
-from autofab.envs.plant import PlantArrays, compile_plant, load_plant, parse_duration
+from autofab.envs.plant import parse_duration
 
 __all__ = [
     "FactoryParallelEnv",
-    "FlatMaskMultiDiscrete",
     "env",
     "parallel_env",
     "raw_env",
@@ -61,22 +63,6 @@ StepReturn = tuple[
 ]
 
 _NO_JOBS = np.zeros(0, dtype=np.int64)
-
-
-class FlatMaskMultiDiscrete(MaskedMultiDiscrete):
-    """Factory-v0's action space, whose ``sample(mask)`` also takes the flat mask.
-
-    PettingZoo's conformance tests sample with ``action_space(agent).sample(mask)`` where
-    ``mask`` is ``infos[agent]["action_mask"]``; for a ``MultiDiscrete`` Gymnasium wants one
-    ``int8`` array per component, while the masks here are flat like
-    ``Factory-v0.action_masks()`` (what sb3-contrib's ``MaskablePPO`` takes). A flat boolean
-    mask is split into components; a tuple is passed through.
-    """
-
-    def sample(self, mask: Any = None, probability: Any = None) -> NDArray[np.int64]:
-        if isinstance(mask, np.ndarray) and mask.ndim == 1 and mask.size == int(self.nvec.sum()):
-            mask = tuple(np.split(mask.astype(np.int8), np.cumsum(self.nvec)[:-1]))
-        return super().sample(mask=mask, probability=probability)
 
 
 class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
@@ -190,20 +176,13 @@ class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
         others: bool = True,
         render_mode: str | None = None,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode {render_mode!r} is not supported; use 'ansi' or None")
-        if not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
-        if not isinstance(speed_levels, int) or speed_levels < 1:
-            raise ValueError(f"speed_levels must be an integer >= 1, got {speed_levels!r}")
-        if invalid_action not in ("wait", "raise"):
-            raise ValueError(f"invalid_action must be 'wait' or 'raise', got {invalid_action!r}")
+        check_factory_args(slots, speed_levels, invalid_action, render_mode)
         self.render_mode = render_mode
-        self.plant = plant if isinstance(plant, PlantArrays) else compile_plant(load_plant(plant))
+        self.plant = plant_arrays(plant)
         self.horizon_s = (
             self.plant.config.horizon_seconds if horizon is None else parse_duration(horizon)
         )
-        self.reward_weights = _reward_weights(reward_weights)
+        self.reward_weights = merge_reward_weights(reward_weights)
         self.invalid_action = invalid_action
         self.slots = slots
         self.speed_levels = speed_levels
@@ -229,7 +208,7 @@ class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
             for a in self.possible_agents
         }
         self.action_spaces: dict[str, spaces.Space[Any]] = {
-            a: FlatMaskMultiDiscrete([slots + 1, speed_levels, 2]) for a in self.possible_agents
+            a: MaskedMultiDiscrete([slots + 1, speed_levels, 2]) for a in self.possible_agents
         }
         caps = p.machine_capabilities
         self._rivals = np.array(
@@ -393,11 +372,7 @@ class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
         return slot, level, maintain
 
     def _speed(self, m: int, level: int) -> float:
-        p = self.plant
-        if self.speed_levels == 1:
-            return float(p.speed_min[m])
-        span = p.speed_max[m] - p.speed_min[m]
-        return float(p.speed_min[m] + span * level / (self.speed_levels - 1))
+        return speed_of_level(self.plant, m, level, self.speed_levels)
 
     def _apply(self, model: FactoryModel, m: int, slot: int, level: int, maintain: int) -> None:
         """One agent's decision; a job no longer startable (taken earlier this step) or an
@@ -431,22 +406,13 @@ class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
             row[self.slots + 1 :] = True
         for i, agent in enumerate(self.possible_agents):
             space = self.action_spaces[agent]
-            assert isinstance(space, FlatMaskMultiDiscrete)
+            assert isinstance(space, MaskedMultiDiscrete)
             space.live_mask = self._masks[i]
 
     def _reward_totals(self) -> dict[str, float]:
-        # The same running totals as Factory-v0's, so the weights mean the same thing
-        # (tests pin the two together).
-        m = self.model
-        assert m is not None
-        return {
-            "parts": float(m.jobs_done),
-            "tardiness_h": -m.tardiness() / 3600.0,
-            "energy_cost": -m.cost,
-            "over_cap_h": -m.over_cap_s / 3600.0,
-            "cap_violations": -float(m.cap_violations),
-            "scrap": -float(m.jobs_scrapped),
-        }
+        # The same running totals as Factory-v0's, so the weights mean the same thing.
+        assert self.model is not None
+        return reward_totals(self.model)
 
     def _observations(self) -> dict[str, ObsArray]:
         model = self.model
@@ -496,20 +462,6 @@ class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
             }
             for i, a in enumerate(self.possible_agents)
         }
-
-
-def _reward_weights(overrides: Mapping[str, float] | None) -> dict[str, float]:
-    """:data:`DEFAULT_REWARD_WEIGHTS` with ``overrides``, checked as ``Factory-v0`` does."""
-    weights = dict(DEFAULT_REWARD_WEIGHTS)
-    for key, value in (overrides or {}).items():
-        if key not in weights:
-            raise ValueError(
-                f"unknown reward weight {key!r}; known: {sorted(DEFAULT_REWARD_WEIGHTS)}"
-            )
-        if not math.isfinite(value):
-            raise ValueError(f"reward weight {key!r} must be finite, got {value}")
-        weights[key] = float(value)
-    return weights
 
 
 def parallel_env(**kwargs: Any) -> FactoryParallelEnv:

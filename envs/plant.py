@@ -15,6 +15,7 @@ plant YAML directly; it does no I/O beyond reading the file it is given.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from collections.abc import Mapping
@@ -106,8 +107,9 @@ class SpeedSpec(_Strict):
 
 
 class PowerSpec(_Strict):
-    """Electrical power: ``idle_kw + load_kw * speed**exponent * (1 + wear_gain*(1-health))``
-    while running, ``idle_kw`` when idle, ``down_kw`` during repair or maintenance."""
+    """Electrical power: ``idle_kw + load_kw * load * speed**exponent * (1 + wear_gain*(1-health))``
+    while running an operation of relative ``load``, ``idle_kw`` when idle, ``down_kw``
+    during repair or maintenance."""
 
     idle_kw: float = Field(1.0, ge=0)
     load_kw: float = Field(8.0, ge=0)
@@ -117,7 +119,8 @@ class PowerSpec(_Strict):
 
 
 class WearSpec(_Strict):
-    """Health (1 new, 0 worn out) falls while running at ``rate_per_hour * speed**speed_exponent``.
+    """Health (1 new, 0 worn out) falls while running an operation of relative ``load`` at
+    ``rate_per_hour * load * speed**speed_exponent``.
 
     Machines do not start a shift new: each starts with a health drawn uniformly from
     ``[initial_health_min, initial_health_max]``.
@@ -170,8 +173,9 @@ class QualitySpec(_Strict):
 class SensorSpec(_Strict):
     """How vibration, temperature and power readings follow health, speed and load.
 
-    Vibration (mm/s RMS) while running: ``vibration_mm_s * speed * (1 + vibration_wear_gain *
-    (1-health)**2)``; idle machines read ``vibration_idle_mm_s``. Temperature relaxes toward
+    Vibration (mm/s RMS) while running: ``vibration_mm_s * speed * sqrt(load) *
+    (1 + vibration_wear_gain * (1-health)**2)``; idle machines read
+    ``vibration_idle_mm_s``. Temperature relaxes toward
     ``ambient_c + rise_c_per_kw * power_kw * (1 + temperature_wear_gain*(1-health))`` with
     time constant ``time_constant_minutes``. Every reading carries Gaussian noise with the
     given relative standard deviation.
@@ -440,7 +444,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def shipped_configs_dir() -> Path:
-    """The ``configs/`` folder of the source tree (plant YAMLs shipped with autofab)."""
+    """Where the shipped plant YAMLs are: the ``autofab.configs`` data package (the
+    top-level ``configs/`` folder, in a checkout or an editable install)."""
+    spec = importlib.util.find_spec("autofab.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
     return Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -150,6 +150,7 @@ def test_reward_is_the_documented_weighted_sum() -> None:
         - w["over_cap_h"] * k["over_cap_s"] / 3600
         - w["cap_violations"] * k["cap_violations"]
         - w["scrap"] * k["parts_scrap"]
+        - w["maintenance"] * k["maintenance"]
     )
     assert sum(rewards) == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
