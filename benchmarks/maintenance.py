@@ -208,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(lines))
     print(
         "\nBoth defaults come from the age-replacement optimum (run time at nominal speed, "
-        "from the plant's public wear, hazard, repair and maintenance parameters); run "
-        "hours count from 0 at the start of each shift"
+        "from the plant's public wear, hazard, repair and maintenance parameters); each "
+        "machine starts the shift with the run hours since its last maintenance on record"
     )
     print(settings_table(plant))
     if args.extra:
