@@ -542,10 +542,7 @@ class ConditionBased(MaintenancePolicy):
             return
         self._read_at = model.now
         running = model.status == _RUNNING
-        op = model.machine_op
-        load = np.where(op >= 0, model.orders.op_load[np.maximum(op, 0)], 1.0)
-        expected = model.plant.vib_mm_s * model.speed * np.sqrt(load)
-        ratio = model.sensors(noise=True)["vibration_mm_s"] / expected
+        ratio = model.sensors(noise=True)["vibration_mm_s"] / model.expected_vibration_mm_s()
         fresh = np.isnan(self.level)
         smoothed = np.where(fresh, ratio, self.alpha * ratio + (1 - self.alpha) * self.level)
         self.level = np.where(running, smoothed, self.level)

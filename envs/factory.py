@@ -191,9 +191,7 @@ class FactoryObserver:
         out = np.zeros((n, len(self.MACHINE_FEATURES)))
         out[np.arange(n), model.status] = 1.0
         out[:, 4] = model.speed / p.speed_max
-        running = model.status == MachineStatus.RUNNING
-        expected = np.where(running, p.vib_mm_s * model.speed, np.maximum(p.vib_idle_mm_s, 1e-9))
-        out[:, 5] = sensors["vibration_mm_s"] / expected
+        out[:, 5] = sensors["vibration_mm_s"] / model.expected_vibration_mm_s()
         out[:, 6] = (sensors["temperature_c"] - p.ambient_c) / 50.0
         out[:, 7] = sensors["power_w"] / self._rated_w
         out[:, 8] = model.run_since_maintenance_s / (8 * 3600.0)

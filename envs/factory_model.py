@@ -378,6 +378,14 @@ class FactoryModel(PlantModel):
                 out[key] = out[key] * (1 + p.sensor_noise * self.sensor_rng.standard_normal(n))
         return out
 
+    def expected_vibration_mm_s(self) -> NDArray[np.float64]:
+        """Vibration a healthy machine would show now (at its speed and load, or idle):
+        the yardstick that condition monitoring divides readings by."""
+        p = self.plant
+        running = self.status == RUNNING
+        healthy = p.vib_mm_s * self.speed * np.sqrt(self.load)
+        return np.where(running, healthy, np.maximum(p.vib_idle_mm_s, 1e-9))
+
     def hazard_per_s(self) -> NDArray[np.float64]:
         """Breakdown hazard of each machine now (only running machines wear and fail)."""
         p = self.plant
@@ -619,6 +627,8 @@ class FactoryModel(PlantModel):
     def _hourly_mean(self, curve: NDArray[np.float64], t0: float, t1: float) -> float:
         """Mean of an hourly curve (24 values, by hour of day) over plant times [t0, t1]."""
         a, b = self.clock0 + t0, self.clock0 + t1
+        if b - a <= _EPS:
+            return float(curve[int(a // 3600) % 24])
         total = 0.0
         x = a
         while x < b - _EPS:
@@ -655,7 +665,7 @@ class FactoryModel(PlantModel):
         t = min(t, self.horizon)
         while self.now < t - _EPS:
             nxt = self.next_event_time()
-            if nxt > t:
+            if nxt > t + _EPS:
                 self._integrate(t)
                 break
             t0 = self.now
@@ -732,8 +742,10 @@ class FactoryModel(PlantModel):
         else:
             self.health[m] = max(self.health[m], p.maintenance_health[m])
             self.last_maintenance[m] = self.now
-            self.run_since_maintenance_s[m] = 0.0
             kind = "maintained"
+        # Both renew the machine: its age restarts from the health they leave it with.
+        wear = p.wear_per_s[m]
+        self.run_since_maintenance_s[m] = (1 - self.health[m]) / wear if wear > 0 else 0.0
         self.budget[m] = self.rng.exponential(1.0)
         self.status_until[m] = _INF
         self.events.append((self.now, kind, m, ""))
