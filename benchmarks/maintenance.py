@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from env_speed import markdown_table
+from common import environment_info, header, markdown_table
 from rich.console import Console
 from rich.progress import Progress
 
@@ -58,15 +54,6 @@ POLICIES = {
     "condition-based": "rule:mwkr+cbm",
 }
 RTF, FIXED, CBM = POLICIES
-
-
-def environment_info() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "autofab": metadata.version("autofab"),
-        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-    }
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -182,10 +169,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = environment_info()
-    print(
-        f"python {info['python']} | numpy {info['numpy']} | autofab {info['autofab']}\n"
-        f"command: {info['command']}"
-    )
+    print(header(info))
     plant = compile_plant(args.plant)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     specs = {**POLICIES, **args.extra}

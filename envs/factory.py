@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_REWARD_WEIGHTS",
     "FactoryEnv",
     "FactoryObserver",
+    "FactorySettings",
     "MaskedMultiDiscrete",
     "check_factory_args",
     "merge_reward_weights",
@@ -92,6 +93,34 @@ def reward_totals(model: FactoryModel) -> dict[str, float]:
         "scrap": -float(model.jobs_scrapped),
         "maintenance": -float(model.maintenances.sum()),
     }
+
+
+class FactorySettings:
+    """The settings both factory environments take, checked once: the compiled plant,
+    the horizon, the slots and speed levels of an action, the reward weights and what an
+    invalid slot does. ``Factory-v0`` and ``factory_parallel_v0`` inherit it."""
+
+    def _configure(
+        self,
+        plant: PlantSpec,
+        horizon: str | float | None,
+        slots: int,
+        speed_levels: int,
+        reward_weights: Mapping[str, float] | None,
+        invalid_action: Literal["wait", "raise"],
+        render_mode: str | None,
+    ) -> None:
+        check_factory_args(slots, speed_levels, invalid_action, render_mode)
+        self.render_mode = render_mode
+        self.plant = plant_arrays(plant)
+        self.horizon_s = (
+            self.plant.config.horizon_seconds if horizon is None else parse_duration(horizon)
+        )
+        self.reward_weights = merge_reward_weights(reward_weights)
+        self.invalid_action = invalid_action
+        self.slots = slots
+        self.speed_levels = speed_levels
+        self.observer = FactoryObserver(self.plant, slots)
 
 
 def speed_of_level(plant: PlantArrays, machine: int, level: int, levels: int) -> float:
@@ -237,7 +266,7 @@ class FactoryObserver:
         return np.concatenate((np.asarray(feats), stock))
 
 
-class FactoryEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
+class FactoryEnv(FactorySettings, gym.Env[NDArray[np.float32], NDArray[np.int64]]):
     """Run one shift of a factory, deciding for one idle machine at a time.
 
     ## Description
@@ -310,17 +339,9 @@ class FactoryEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
         invalid_action: Literal["wait", "raise"] = "wait",
         render_mode: str | None = None,
     ) -> None:
-        check_factory_args(slots, speed_levels, invalid_action, render_mode)
-        self.render_mode = render_mode
-        self.plant = plant_arrays(plant)
-        self.horizon_s = (
-            self.plant.config.horizon_seconds if horizon is None else parse_duration(horizon)
+        self._configure(
+            plant, horizon, slots, speed_levels, reward_weights, invalid_action, render_mode
         )
-        self.reward_weights = merge_reward_weights(reward_weights)
-        self.invalid_action = invalid_action
-        self.slots = slots
-        self.speed_levels = speed_levels
-        self.observer = FactoryObserver(self.plant, slots)
         n = self.plant.n_machines
         size = n + self.observer.machine_size + self.observer.slot_size + self.observer.plant_size
         clip = FactoryObserver.CLIP

@@ -32,17 +32,14 @@ from pettingzoo.utils.conversions import parallel_to_aec, parallel_to_aec_wrappe
 
 from autofab.envs.factory import (
     FactoryObserver,
+    FactorySettings,
     MaskedMultiDiscrete,
     PlantSpec,
-    check_factory_args,
-    merge_reward_weights,
-    plant_arrays,
     reward_totals,
     speed_of_level,
 )
 from autofab.envs.factory_model import FactoryModel, MachineStatus
 from autofab.envs.model import InvalidActionError
-from autofab.envs.plant import parse_duration
 
 __all__ = [
     "FactoryParallelEnv",
@@ -65,7 +62,7 @@ StepReturn = tuple[
 _NO_JOBS = np.zeros(0, dtype=np.int64)
 
 
-class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
+class FactoryParallelEnv(FactorySettings, ParallelEnv[str, ObsArray, ActionArray]):
     """Run one shift of a factory in which every machine is an agent.
 
     ## Description
@@ -176,18 +173,10 @@ class FactoryParallelEnv(ParallelEnv[str, ObsArray, ActionArray]):
         others: bool = True,
         render_mode: str | None = None,
     ) -> None:
-        check_factory_args(slots, speed_levels, invalid_action, render_mode)
-        self.render_mode = render_mode
-        self.plant = plant_arrays(plant)
-        self.horizon_s = (
-            self.plant.config.horizon_seconds if horizon is None else parse_duration(horizon)
+        self._configure(
+            plant, horizon, slots, speed_levels, reward_weights, invalid_action, render_mode
         )
-        self.reward_weights = merge_reward_weights(reward_weights)
-        self.invalid_action = invalid_action
-        self.slots = slots
-        self.speed_levels = speed_levels
         self.others = bool(others)
-        self.observer = FactoryObserver(self.plant, slots)
 
         p = self.plant
         n = p.n_machines
