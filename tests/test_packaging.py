@@ -48,6 +48,9 @@ def test_wheel_maps_folders_into_autofab(tmp_path: Path) -> None:
         "autofab/envs/py.typed",
         "autofab/agents/__init__.py",
         "autofab/control/__init__.py",
+        "autofab/agents/policies/pdm.py",
+        "autofab/configs/demo.yaml",
+        "autofab/configs/plant100.yaml",
     ):
         assert expected in names, f"{expected} missing from {wheel.name}"
     top = {n.split("/")[0] for n in names if not n.startswith("autofab-")}
