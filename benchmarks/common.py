@@ -6,16 +6,24 @@ Scripts import it as ``from common import ...`` (they run from this folder's par
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import shlex
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from autofab.envs.baselines import run_policy
+from autofab.envs.plant import PlantArrays, PlantConfigError, load_plant, parse_duration
 
 
 def environment_info(*packages: str) -> dict[str, Any]:
@@ -69,3 +77,61 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: i
         + "|"
     )
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+# --------------------------------------------------------------------------- policy runs
+
+
+def policy_parser(description: str) -> argparse.ArgumentParser:
+    """The options every policy-comparison benchmark takes: plant, seeds, horizon, output."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", default="demo", help="plant YAML path or shipped name")
+    parser.add_argument("--seeds", type=int, default=20, help="number of seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="first seed")
+    parser.add_argument("--horizon", help="shift length, like 8h (default: the config's)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
+    return parser
+
+
+def parse_policy_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse, then load the plant and horizon; bad values end as a usage error, not a
+    traceback. Adds ``plant`` (the validated config), ``horizon_s`` and ``seed_list``."""
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    try:
+        args.plant = load_plant(args.config)
+        args.horizon_s = None if args.horizon is None else parse_duration(args.horizon)
+    except (PlantConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
+    return args
+
+
+def run_policies(
+    plant: PlantArrays, specs: Mapping[str, str], seeds: Sequence[int], horizon_s: float | None
+) -> dict[str, list[dict[str, Any]]]:
+    """KPIs of every policy spec on every seed (the same seeds for all), with progress."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("simulating", total=len(specs) * len(seeds))
+        for name, spec in specs.items():
+            runs[name] = []
+            for seed in seeds:
+                runs[name].append(run_policy(plant, spec, seed, horizon_s))
+                bar.advance(task)
+    return runs
+
+
+def write_report(path: Path | None, report: dict[str, Any]) -> None:
+    """Write a benchmark's JSON report, if a path was given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path}")

@@ -26,19 +26,22 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from common import environment_info, header, markdown_table
-from rich.console import Console
-from rich.progress import Progress
+from common import (
+    environment_info,
+    header,
+    markdown_table,
+    parse_policy_args,
+    policy_parser,
+    run_policies,
+    write_report,
+)
 
-from autofab.envs.baselines import run_policy
-from autofab.envs.plant import PlantConfigError, compile_plant, load_plant, parse_duration
+from autofab.envs.plant import compile_plant
 
 #: Label and spec of each policy; the first two are compared, the last is informative.
 POLICIES = {
@@ -130,30 +133,15 @@ def verdict(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Energy cost, cap violations and throughput of energy-naive and "
-        "tariff-aware speed scheduling on the same seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = policy_parser(
+        "Energy cost, cap violations and throughput of energy-naive and "
+        "tariff-aware speed scheduling on the same seeds."
     )
-    parser.add_argument("--config", default="demo", help="plant YAML path or shipped name")
-    parser.add_argument("--seeds", type=int, default=20, help="number of seeds")
-    parser.add_argument("--first-seed", type=int, default=0, help="first seed")
-    parser.add_argument("--horizon", help="shift length, like 8h (default: the config's)")
     parser.add_argument("--cost-target", type=float, default=0.10, help="least cost cut vs naive")
     parser.add_argument(
         "--throughput-target", type=float, default=0.05, help="most throughput loss vs naive"
     )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    try:
-        args.plant = load_plant(args.config)
-        args.horizon_s = None if args.horizon is None else parse_duration(args.horizon)
-    except (PlantConfigError, ValueError) as exc:
-        parser.error(str(exc))
-    return args
+    return parse_policy_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,15 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = environment_info()
     print(header(info))
     plant = compile_plant(args.plant)
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    runs: dict[str, list[dict[str, Any]]] = {}
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("simulating", total=len(POLICIES) * len(seeds))
-        for name, spec in POLICIES.items():
-            runs[name] = []
-            for seed in seeds:
-                runs[name].append(run_policy(plant, spec, seed, args.horizon_s))
-                bar.advance(task)
+    seeds = args.seed_list
+    runs = run_policies(plant, POLICIES, seeds, args.horizon_s)
     summaries = {name: summarise(r) for name, r in runs.items()}
     energy = args.plant.energy
     horizon = args.horizon or args.plant.horizon
@@ -181,7 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     met, lines = verdict(summaries, len(seeds), args.cost_target, args.throughput_target)
     print("\n".join(lines))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "environment": info,
             "settings": {
@@ -196,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": runs,
             "target_met": met,
         }
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 1 if args.check and not met else 0
 
 

@@ -27,23 +27,26 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from common import environment_info, header, markdown_table
-from rich.console import Console
-from rich.progress import Progress
+from common import (
+    environment_info,
+    header,
+    markdown_table,
+    parse_policy_args,
+    policy_parser,
+    run_policies,
+    write_report,
+)
 
-from autofab.envs.baselines import ConditionBased, age_replacement_interval_s, run_policy
+from autofab.envs.baselines import ConditionBased, age_replacement_interval_s
 from autofab.envs.plant import (
     PlantArrays,
     PlantConfigError,
     compile_plant,
-    load_plant,
     parse_duration,
 )
 
@@ -132,15 +135,10 @@ def verdict(summaries: dict[str, dict[str, float]], target: float) -> tuple[bool
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Unplanned and total downtime of run-to-failure, fixed-interval and "
-        "condition-based maintenance on the same seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = policy_parser(
+        "Unplanned and total downtime of run-to-failure, fixed-interval and "
+        "condition-based maintenance on the same seeds."
     )
-    parser.add_argument("--config", default="demo", help="plant YAML path or shipped name")
-    parser.add_argument("--seeds", type=int, default=20, help="number of seeds")
-    parser.add_argument("--first-seed", type=int, default=0, help="first seed")
-    parser.add_argument("--horizon", help="shift length, like 8h (default: the config's)")
     parser.add_argument(
         "--intervals",
         default="1h,2h,4h",
@@ -149,14 +147,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target", type=float, default=0.40, help="least cut in unplanned downtime vs rtf"
     )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    args = parse_policy_args(parser, argv)
     try:
-        args.plant = load_plant(args.config)
-        args.horizon_s = None if args.horizon is None else parse_duration(args.horizon)
         intervals = [part.strip() for part in args.intervals.split(",") if part.strip()]
         for interval in intervals:
             parse_duration(interval)
@@ -171,16 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = environment_info()
     print(header(info))
     plant = compile_plant(args.plant)
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    seeds = args.seed_list
     specs = {**POLICIES, **args.extra}
-    runs: dict[str, list[dict[str, Any]]] = {}
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("simulating", total=len(specs) * len(seeds))
-        for name, spec in specs.items():
-            runs[name] = []
-            for seed in seeds:
-                runs[name].append(run_policy(plant, spec, seed, args.horizon_s))
-                bar.advance(task)
+    runs = run_policies(plant, specs, seeds, args.horizon_s)
     summaries = {name: summarise(r) for name, r in runs.items()}
     horizon = args.horizon or args.plant.horizon
     print(
@@ -200,7 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nInformative only, NOT part of the target: fixed-interval at other intervals")
         print(table({k: summaries[k] for k in args.extra}, specs))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "environment": info,
             "settings": {
@@ -214,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": runs,
             "target_met": met,
         }
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 1 if args.check and not met else 0
 
 
