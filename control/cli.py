@@ -545,5 +545,11 @@ def version() -> None:
     console.print(f"autofab {package_version()}")
 
 
+# Commands that live in their own modules (they import this one's helpers lazily).
+from autofab.control.evaluate_cmd import evaluate as _evaluate  # noqa: E402
+
+app.command("evaluate")(_evaluate)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,94 @@
+"""``autofab evaluate`` end to end: table, results.json, charts and the error contract."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner, Result
+
+from autofab.control.evaluate_cmd import evaluate
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+app = typer.Typer()
+app.command("evaluate")(evaluate)
+
+
+@app.command()
+def noop() -> None:
+    """A second command, so ``evaluate`` is a subcommand as in the real CLI."""
+
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> Result:
+    return runner.invoke(app, ["evaluate", *args])
+
+
+def test_evaluate_writes_results_and_charts(tmp_path):
+    out = tmp_path / "results"
+    result = invoke(
+        "--instances",
+        "ft06,la01",
+        "--baselines",
+        "spt,mwkr,cpsat",
+        "--time-limit",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "MEAN" in result.output
+    assert "ft06" in result.output
+    assert "la01" in result.output
+    assert "+0.00%" in result.output
+    assert "workers" in result.output
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["instances"]) == {"ft06", "la01"}
+    ft06 = doc["instances"]["ft06"]
+    assert ft06["best_known"] == 55
+    assert set(ft06["methods"]) == {"spt", "mwkr", "cpsat"}
+    assert ft06["methods"]["cpsat"]["makespan"] == 55
+    assert doc["settings"]["time_limit_s"] == 2
+    for name in ("gaps.png", "gantt_ft06.png", "gantt_la01.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--instances", "ta10-ta01"], "reversed"),
+        (["--instances", "ta01-ft10"], "mixes families"),
+        (["--instances", "nope"], "unknown benchmark instance 'nope'"),
+        (["--instances", "ft06", "--baselines", "foo"], "unknown baseline 'foo'"),
+        (["--instances", "ft06", "--time-limit", "0"], "--time-limit"),
+        (["--instances", "ft06", "--policy", "no/such/run"], "--policy"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = invoke(*args, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ")
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_policy_without_the_artifacts_module_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "autofab.agents.policies.artifacts", None)
+    result = invoke("--instances", "ft06", "--policy", str(tmp_path), "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "artifacts" in result.output
+
+
+def test_unwritable_out_folder_is_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = invoke("--instances", "ft06", "--baselines", "mwkr", "--out", str(blocker / "sub"))
+    assert result.exit_code == 2
+    assert "cannot write to --out folder" in result.output
