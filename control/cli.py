@@ -547,7 +547,9 @@ def version() -> None:
 
 # Commands that live in their own modules (they import this one's helpers lazily).
 from autofab.control.evaluate_cmd import evaluate as _evaluate  # noqa: E402
+from autofab.control.train_cmd import train as _train  # noqa: E402
 
+app.command("train")(_train)
 app.command("evaluate")(_evaluate)
 
 

@@ -1,0 +1,107 @@
+"""``autofab train`` end to end, registered on its own Typer app (as cli.py will do)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from autofab.control.train_cmd import parse_seeds, train
+
+app = typer.Typer()
+app.command("train")(train)
+
+
+@app.command("noop")
+def _noop() -> None:
+    """A second command, so Typer keeps ``train`` as a subcommand."""
+
+
+runner = CliRunner()
+
+TINY = [
+    "--env-kwargs",
+    '{"instance": "ft06"}',
+    "-n",
+    "128",
+    "--eval-freq",
+    "64",
+    "--eval-episodes",
+    "1",
+    "--hyperparams",
+    "n_envs:2",
+    "--hyperparams",
+    "n_steps:32",
+    "-params",
+    "batch_size:32",
+    "--hyperparams",
+    "policy_kwargs:{net_arch: [16, 16], activation_fn: relu}",
+]
+
+
+def test_train_writes_a_run_folder(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--algo",
+            "maskable_ppo",
+            "--env",
+            "autofab/JobShop-v0",
+            *TINY,
+            "-f",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.iterdir()
+    assert f"run folder: {folder}" in result.output
+    assert folder.name.startswith("autofab-JobShop-v0__maskable_ppo__0__")
+    assert {"config.yml", "model.zip", "policy.json", "evaluations.csv"} <= {
+        p.name for p in folder.iterdir()
+    }
+    meta = json.loads((folder / "policy.json").read_text())
+    assert meta["command"][:4] == ["autofab", "train", "--algo", "maskable_ppo"]
+    assert "policy_kwargs:{net_arch: [16, 16], activation_fn: relu}" in meta["command"]
+
+
+def test_several_seeds_run_one_after_another(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", *TINY, "--seeds", "0,1", "-f", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "one after another" in result.output
+    assert sorted(p.name.split("__")[2] for p in tmp_path.iterdir()) == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--algo", "sac"], "unknown algo 'sac'"),
+        (["--env", "autofab/Nope-v0"], "unknown env id"),
+        (["--env-kwargs", "{bad json"], "--env-kwargs is not valid JSON"),
+        (["--env-kwargs", '{"instance": "nope"}'], "unknown benchmark instance 'nope'"),
+        (["--hyperparams", "n_stepz:64"], "unknown hyperparameter 'n_stepz'"),
+        (["--hyperparams", "learning_rate:__import__('os')"], "'learning_rate' must be a number"),
+        (["--algo", "dqn", "--env", "autofab/Factory-v0"], "dqn needs a Discrete action space"),
+        (["--algo", "maskable_ppo", "--env", "CartPole-v1"], "needs an env with action_masks()"),
+        (["--seeds", "0,x"], "--seeds must be a comma list"),
+        (["--conf-file", "missing.yml"], "--conf-file 'missing.yml' does not exist"),
+    ],
+)
+def test_bad_input_is_one_red_line_and_exit_2(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["train", "-n", "64", "-f", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_seeds_keeps_order_and_drops_repeats() -> None:
+    assert parse_seeds("2, 0,2,1") == [2, 0, 1]
