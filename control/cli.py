@@ -16,22 +16,28 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import gymnasium as gym
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import autofab.envs  # noqa: F401  (registers autofab/JobShop-v0 with Gymnasium)
+from autofab.control.console import (
+    EXIT_INTERNAL,
+    console,
+    err_console,
+    fail,
+    gap_text,
+    num,
+    user_errors,
+)
 from autofab.envs.baselines import FactoryPolicy, policy_from_spec, spec_help
 from autofab.envs.factory_model import Decision, FactoryModel, run_shift
 from autofab.envs.instances import (
@@ -50,15 +56,9 @@ from autofab.envs.validate import ScheduleError, validate_schedule
 __all__ = ["RuleResult", "app", "parse_rules", "resolve_instance", "run_rule", "simulate_shift"]
 
 ENV_ID = "autofab/JobShop-v0"
-#: Exit code for bad input, the same code click uses for usage errors.
-EXIT_BAD_INPUT = 2
-#: Exit code for a failed internal check (a bug, not the user's fault).
-EXIT_INTERNAL = 1
 
 _RANDOM_SPEC = re.compile(r"random:(\d+)x(\d+)(?::(\d+))?", re.IGNORECASE)
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 
 app = typer.Typer(
     name="autofab",
@@ -89,49 +89,12 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``message`` as one red line on stderr and exit with ``code``.
-
-    Printed without markup (messages quote user input, which may hold ``[...]``) and without
-    wrapping, so a long message stays one line that scripts can grep.
-    """
-    err_console.print(f"error: {message}", style="bold red", markup=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _user_errors(doing: str | None = None) -> Iterator[None]:
-    """Turn the errors that bad input raises into :func:`_fail` (exit code 2).
-
-    ``ValueError`` (``InstanceError`` included) messages already name the value at fault.
-    ``doing``, when given, is put before every message, for steps whose errors do not say
-    what was being done ("cannot write --json file 'x/out.json': No such file or directory").
-    """
-    try:
-        yield
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, OSError) and exc.strerror:
-            detail = exc.strerror if doing else f"{exc.strerror}: {str(exc.filename)!r}"
-        else:
-            detail = str(exc)
-        _fail(f"{doing}: {detail}" if doing else detail)
-
-
-def _num(x: float) -> str:
-    """A time or makespan as people write it: ``55``, not ``55.0``; ``60.5`` as is."""
-    return str(int(x)) if float(x).is_integer() else f"{x:.8g}"
-
-
-def _gap_text(gap: float | None) -> str:
-    return "n/a" if gap is None else f"{gap * 100:+.2f}%"
-
-
 def _best_known_text(instance: Instance) -> str:
     """Where a gap comes from: the reference value and how much it can be trusted."""
     if instance.best_known is None:
         return f"no best-known makespan for {instance.name!r}"
     kind = "optimal" if instance.optimal else "upper bound, not proven optimal"
-    return f"best known {_num(instance.best_known)}, {kind}"
+    return f"best known {num(instance.best_known)}, {kind}"
 
 
 def resolve_instance(spec: str, seed: int = 0) -> Instance:
@@ -231,9 +194,9 @@ def _print_results(instance: Instance, results: list[RuleResult], best: RuleResu
         for r in results:
             table.add_row(
                 r.rule,
-                _num(r.makespan),
-                _gap_text(r.gap),
-                _num(round(r.tardiness, 6)),
+                num(r.makespan),
+                gap_text(r.gap),
+                num(round(r.tardiness, 6)),
                 f"{r.seconds:.3f}",
                 style="bold green" if r is best else None,
             )
@@ -241,10 +204,8 @@ def _print_results(instance: Instance, results: list[RuleResult], best: RuleResu
         console.print(f"best rule: [bold]{best.rule}[/bold]")
     else:
         console.print(f"rule: [bold]{best.rule}[/bold] ({RULE_DESCRIPTIONS[best.rule]})")
-    console.print(f"makespan: [bold]{_num(best.makespan)}[/bold]")
-    console.print(
-        f"gap to best known: {_gap_text(best.gap)} ({escape(_best_known_text(instance))})"
-    )
+    console.print(f"makespan: [bold]{num(best.makespan)}[/bold]")
+    console.print(f"gap to best known: {gap_text(best.gap)} ({escape(_best_known_text(instance))})")
     console.print(
         f"[dim]schedule valid: {len(best.schedule)} operations checked for precedence, "
         "overlap and eligibility[/dim]"
@@ -268,7 +229,7 @@ def _write_json(
         "results": [r.summary() for r in results],
         "schedule": best.schedule,
     }
-    with _user_errors(f"cannot write --json file {str(path)!r}"):
+    with user_errors(f"cannot write --json file {str(path)!r}"):
         path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     console.print(f"wrote result to {escape(str(path))}")
 
@@ -276,7 +237,7 @@ def _write_json(
 def _write_gantt(path: Path, instance: Instance, best: RuleResult) -> None:
     from autofab.control.plots import gantt_chart  # matplotlib only when asked for
 
-    with _user_errors(f"cannot write --gantt file {str(path)!r}"):
+    with user_errors(f"cannot write --gantt file {str(path)!r}"):
         gantt_chart(instance, best.schedule, path, title=f"rule {best.rule}")
     console.print(f"wrote Gantt chart to {escape(str(path))}")
 
@@ -354,7 +315,7 @@ def schedule(
 
     Example: [bold]autofab schedule ta01 --rule all --gantt ta01.png[/bold]
     """
-    with _user_errors():
+    with user_errors():
         inst = resolve_instance(instance, seed)
         policies = parse_rules(rule)
     results: list[RuleResult] = []
@@ -362,7 +323,7 @@ def schedule(
         try:
             results.append(run_rule(inst, policy, seed))
         except ScheduleError as exc:
-            _fail(
+            fail(
                 f"rule {policy.name} produced an invalid schedule on {inst.name!r}; this is "
                 f"a bug in autofab, please report it. {exc}",
                 code=EXIT_INTERNAL,
@@ -456,7 +417,7 @@ def simulate(
 
     Example: [bold]autofab simulate demo --policy rule:mwkr+cbm+tariff --seed 1[/bold]
     """
-    with _user_errors():
+    with user_errors():
         plant = load_plant(config)
         horizon_s = None if horizon is None else _parse_horizon(horizon)
         chosen = policy_from_spec(policy)
@@ -465,7 +426,7 @@ def simulate(
     try:
         kpis = simulate_shift(model, chosen)
     except InvalidActionError as exc:
-        _fail(
+        fail(
             f"policy {spec} made an invalid decision; this is a bug in autofab, please "
             f"report it. {exc}",
             code=EXIT_INTERNAL,
@@ -483,7 +444,7 @@ def simulate(
     console.print(table)
 
     folder = _run_folder(out, plant.name, spec, seed)
-    with _user_errors(f"cannot write to --out folder {str(folder)!r}"):
+    with user_errors(f"cannot write to --out folder {str(folder)!r}"):
         folder.mkdir(parents=True, exist_ok=True)
         report = write_json(
             shift_report(model, kpis, policy=spec, seed=seed), folder / "report.json"
@@ -521,7 +482,7 @@ def instances(
         names = [n for n in names if n.startswith(prefix.lower())]
         if not names:
             families = sorted({n.rstrip("0123456789") for n in benchmark_names()})
-            _fail(
+            fail(
                 f"no benchmark instance name starts with {prefix!r}; the families are "
                 f"{', '.join(families)}"
             )
@@ -532,7 +493,7 @@ def instances(
     table.add_column("Optimal")
     for name in names:
         inst = load_benchmark(name)
-        best = "n/a" if inst.best_known is None else _num(inst.best_known)
+        best = "n/a" if inst.best_known is None else num(inst.best_known)
         table.add_row(
             name, f"{inst.n_jobs} x {inst.n_machines}", best, "yes" if inst.optimal else "no"
         )

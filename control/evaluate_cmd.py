@@ -34,6 +34,15 @@ from autofab.agents.policies.evaluation import (
     expand_instances,
     parse_methods,
 )
+from autofab.control.console import (
+    EXIT_INTERNAL,
+    console,
+    err_console,
+    fail,
+    gap_text,
+    num,
+    user_errors,
+)
 from autofab.envs.instances import load_benchmark
 from autofab.envs.jobshop import JobShopEnv
 from autofab.envs.model import InvalidActionError
@@ -93,10 +102,7 @@ def evaluate(
     Example: [bold]autofab evaluate --policy runs/ta01 --instances ta01-ta10,ft10
     --baselines spt,mwkr,mopnr,cpsat --time-limit 10 --out results/[/bold]
     """
-    # cli imports this module to register the command, so its helpers are imported here.
-    from autofab.control.cli import EXIT_INTERNAL, _fail, _user_errors, console, err_console
-
-    with _user_errors():
+    with user_errors():
         names = expand_instances(instances)
         methods = parse_methods(baselines)
         if not time_limit > 0:
@@ -131,13 +137,13 @@ def evaluate(
                 on_result=on_result,
             )
         except (ScheduleError, InvalidActionError) as exc:
-            _fail(
+            fail(
                 f"a method produced an invalid schedule or decision; this is a bug, please "
                 f"report it. {exc}",
                 code=EXIT_INTERNAL,
             )
         except CpSatError as exc:
-            _fail(str(exc), code=EXIT_INTERNAL)
+            fail(str(exc), code=EXIT_INTERNAL)
 
     console.print(_table(doc))
     settings = doc["settings"]
@@ -146,7 +152,7 @@ def evaluate(
             f"[dim]cpsat: time limit {settings['time_limit_s']:g} s, "
             f"{settings['cpsat_workers']} workers on {settings['cpu_count']} CPUs[/dim]"
         )
-    with _user_errors(f"cannot write to --out folder {str(out)!r}"):
+    with user_errors(f"cannot write to --out folder {str(out)!r}"):
         out.mkdir(parents=True, exist_ok=True)
         (out / RESULTS_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         gap_chart(doc, out / GAPS_FILE)
@@ -204,10 +210,9 @@ def _factory(policies: Mapping[str, PolicyFn]) -> Callable[[JobShopEnv], PolicyF
 
 def _table(doc: Mapping[str, Any]) -> Table:
     """Instance rows, one makespan (gap) column per method; the best per row in green."""
-    from autofab.control.cli import _gap_text, _num
 
     def cell(result: Mapping[str, Any], low: float) -> str:
-        text = f"{_num(result['makespan'])} ({_gap_text(result['gap'])})"
+        text = f"{num(result['makespan'])} ({gap_text(result['gap'])})"
         return f"[bold green]{text}[/bold green]" if result["makespan"] <= low else text
 
     methods: list[str] = doc["settings"]["methods"]
@@ -220,10 +225,10 @@ def _table(doc: Mapping[str, Any]) -> Table:
         results = entry["methods"]
         low = min(results[m]["makespan"] for m in methods)
         cells = [cell(results[m], low) for m in methods]
-        best_known = "n/a" if entry["best_known"] is None else _num(entry["best_known"])
+        best_known = "n/a" if entry["best_known"] is None else num(entry["best_known"])
         table.add_row(escape(name), best_known, *cells)
     table.add_section()
-    table.add_row("MEAN", "", *(_gap_text(doc["mean_gap"][m]) for m in methods), style="bold")
+    table.add_row("MEAN", "", *(gap_text(doc["mean_gap"][m]) for m in methods), style="bold")
     return table
 
 

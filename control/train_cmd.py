@@ -30,6 +30,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from autofab.control.console import (
+    EXIT_INTERNAL,
+    console,
+    err_console,
+    fail,
+    user_errors,
+)
+
 if TYPE_CHECKING:
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -176,9 +184,8 @@ def train(
     Example: [bold]autofab train --algo maskable_ppo --env autofab/JobShop-v0
     --env-kwargs '{"instance": "ft06"}' -n 50000[/bold]
     """
-    from autofab.control.cli import _fail, _user_errors, console, err_console
 
-    with _user_errors():
+    with user_errors():
         from autofab.agents.policies.training import (
             TrainSpec,
             parse_env_kwargs,
@@ -245,14 +252,14 @@ def train(
         results = []
         for spec in specs:
             bar = _progress_callback(progress, f"{spec.algo} seed {spec.seed}")
-            with _user_errors():
+            with user_errors():
                 try:
                     results.append(train_one(spec, [bar]))
                 except InvalidActionError as exc:
-                    _fail(
+                    fail(
                         f"{spec.algo} made an invalid action; this is a bug in autofab, "
                         f"please report it. {exc}",
-                        code=1,
+                        code=EXIT_INTERNAL,
                     )
     for result in results:
         for warning in result.warnings:
