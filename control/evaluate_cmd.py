@@ -11,12 +11,20 @@ line: the progress bar, the table, and the files in ``--out``:
 
 Exit codes follow ``autofab``'s contract: 2 for bad input (one red line on stderr), 1 when
 a method produces an invalid schedule or decision, or CP-SAT finds nothing in time.
+
+Instances can run side by side as Ray tasks (:func:`evaluate_instance` is one task, through
+:func:`autofab.control.ray_tasks.map_tasks`): always with ``--ray-address`` or ``--ray``,
+and by default when CP-SAT is among the methods, there are several instances and several
+CPUs. Only CP-SAT is slow enough to gain: rules and policies finish in well under the few
+seconds a local Ray takes to start. Each task's CP-SAT then uses the task's CPUs
+(``--cpus-per-task``) as workers, and ``settings`` in results.json says so.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,6 +40,7 @@ from autofab.agents.policies.evaluation import (
     MethodResult,
     PolicyFn,
     expand_instances,
+    mean_gaps,
     parse_methods,
 )
 from autofab.control.console import (
@@ -43,12 +52,13 @@ from autofab.control.console import (
     num,
     user_errors,
 )
+from autofab.control.ray_tasks import RAY_REQUIREMENT, available_cpus, map_tasks, ray_available
 from autofab.envs.instances import load_benchmark
 from autofab.envs.jobshop import JobShopEnv
 from autofab.envs.model import InvalidActionError
 from autofab.envs.validate import ScheduleError
 
-__all__ = ["evaluate", "gap_chart"]
+__all__ = ["InstanceJob", "evaluate", "evaluate_instance", "gap_chart", "merge_documents"]
 
 RESULTS_FILE = "results.json"
 GAPS_FILE = "gaps.png"
@@ -92,6 +102,35 @@ def evaluate(
             "--out", "-o", metavar="DIR", help="Folder for results.json, gaps.png, gantt_*.png."
         ),
     ] = Path("results"),
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDR",
+            help="Evaluate the instances as tasks on this running Ray cluster (HOST:PORT, "
+            "ray://HOST:PORT or auto); its nodes need autofab installed.",
+            show_default=False,
+        ),
+    ] = None,
+    use_ray: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray/--no-ray",
+            help="Evaluate instances in parallel as Ray tasks, or one after another in this "
+            "process. Default: in parallel when cpsat runs on several instances and CPUs.",
+            show_default=False,
+        ),
+    ] = None,
+    cpus_per_task: Annotated[
+        int | None,
+        typer.Option(
+            "--cpus-per-task",
+            metavar="N",
+            help="CPUs (CP-SAT workers) per instance task when in parallel. Default: this "
+            "machine's CPUs shared out among the instances.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Compare a policy with baselines on benchmarks: makespan and gap to best known.
 
@@ -107,7 +146,25 @@ def evaluate(
         methods = parse_methods(baselines)
         if not time_limit > 0:
             raise ValueError(f"--time-limit must be a number of seconds > 0, got {time_limit:g}")
+        if ray_address is not None and use_ray is False:
+            raise ValueError("--ray-address and --no-ray contradict each other; drop one")
+        if ray_address is not None and not ray_available():
+            raise ValueError(f"--ray-address needs ray: pip install '{RAY_REQUIREMENT}'")
+        if cpus_per_task is not None and cpus_per_task < 1:
+            raise ValueError(f"--cpus-per-task must be at least 1, got {cpus_per_task}")
         policies = _load_policies(policy, names) if policy is not None else None
+
+    parallel = _parallel(use_ray, ray_address, names, methods)
+    if parallel and not ray_available():
+        parallel = False
+        err_console.print(
+            f"ray is not installed (pip install '{RAY_REQUIREMENT}'): evaluating the "
+            "instances one after another",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,
+        )
+    workers = cpus_per_task or max(1, available_cpus() // min(len(names), available_cpus()))
 
     n_methods = len(methods) + (policies is not None)
     best: dict[str, MethodResult] = {}
@@ -129,13 +186,24 @@ def evaluate(
                 best[result.instance] = result
 
         try:
-            doc = evaluation.evaluate(
-                names,
-                methods,
-                time_limit,
-                policy_factory=None if policies is None else _factory(policies),
-                on_result=on_result,
-            )
+            if parallel:
+                doc = _evaluate_with_ray(
+                    names,
+                    methods,
+                    time_limit,
+                    policy,
+                    workers,
+                    ray_address,
+                    on_result,
+                )
+            else:
+                doc = evaluation.evaluate(
+                    names,
+                    methods,
+                    time_limit,
+                    policy_factory=None if policies is None else _factory(policies),
+                    on_result=on_result,
+                )
         except (ScheduleError, InvalidActionError) as exc:
             fail(
                 f"a method produced an invalid schedule or decision; this is a bug, please "
@@ -148,9 +216,15 @@ def evaluate(
     console.print(_table(doc))
     settings = doc["settings"]
     if CPSAT in methods:
+        ray_run = settings.get("ray")
+        where = (
+            f"per instance, {ray_run['tasks']} instance tasks on Ray ({ray_run['address']})"
+            if ray_run
+            else f"on {settings['cpu_count']} CPUs"
+        )
         console.print(
             f"[dim]cpsat: time limit {settings['time_limit_s']:g} s, "
-            f"{settings['cpsat_workers']} workers on {settings['cpu_count']} CPUs[/dim]"
+            f"{settings['cpsat_workers']} workers {escape(where)}[/dim]"
         )
     with user_errors(f"cannot write to --out folder {str(out)!r}"):
         out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +243,126 @@ def evaluate(
         f"wrote {escape(RESULTS_FILE)}, {escape(GAPS_FILE)} and {len(best)} Gantt chart(s) "
         f"to {escape(str(out))}"
     )
+
+
+@dataclass(frozen=True)
+class InstanceJob:
+    """One instance's evaluation as plain values, so a Ray task can receive it.
+
+    The policy travels as its run folder, not as a loaded model: each task loads it (a
+    torch model does not pickle cheaply, and the task may run on another machine).
+    """
+
+    name: str
+    methods: tuple[str, ...]
+    time_limit_s: float
+    workers: int
+    policy_run: str | None = None
+
+
+def evaluate_instance(job: InstanceJob) -> tuple[dict[str, Any], list[MethodResult]]:
+    """Evaluate every method on one instance: its one-instance document and the results.
+
+    Top-level so a Ray worker imports it by name. CP-SAT runs with ``job.workers``
+    workers, the CPUs Ray reserved for the task, and torch is held to as many threads.
+    """
+    factory: Callable[[JobShopEnv], PolicyFn] | None = None
+    if job.policy_run is not None:
+        import torch
+
+        from autofab.agents.policies.artifacts import load_policy
+
+        torch.set_num_threads(job.workers)
+        run = Path(job.policy_run)
+
+        def factory(env: JobShopEnv) -> PolicyFn:
+            return load_policy(run, env)
+
+    results: list[MethodResult] = []
+    doc = evaluation.evaluate(
+        [job.name],
+        list(job.methods),
+        job.time_limit_s,
+        policy_factory=factory,
+        workers=job.workers,
+        on_result=results.append,
+    )
+    return doc, results
+
+
+def merge_documents(
+    parts: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One results document from one-instance documents, in the order given.
+
+    ``settings`` replaces theirs (each task saw only its own CPUs); the mean gaps are
+    computed again over all instances.
+    """
+    doc: dict[str, Any] = {"settings": dict(settings), "instances": {}}
+    for part in parts:
+        doc["instances"].update(part["instances"])
+    doc["mean_gap"] = mean_gaps(doc)
+    return doc
+
+
+def _parallel(
+    use_ray: bool | None, ray_address: str | None, names: list[str], methods: list[str]
+) -> bool:
+    """Whether to spread the instances over Ray tasks (see the module docstring for why
+    the default asks for CP-SAT: nothing else is slow enough to repay Ray's start)."""
+    if use_ray is False:
+        return False
+    if ray_address is not None:
+        return True
+    if len(names) < 2:
+        return False
+    if use_ray:
+        return True
+    return CPSAT in methods and available_cpus() > 1 and ray_available()
+
+
+def _evaluate_with_ray(
+    names: list[str],
+    methods: list[str],
+    time_limit: float,
+    policy: Path | None,
+    workers: int,
+    ray_address: str | None,
+    on_result: Callable[[MethodResult], None],
+) -> dict[str, Any]:
+    """Every instance as its own Ray task with ``workers`` CPUs; the merged document.
+
+    The progress bar moves as each instance finishes (its methods all at once). The
+    settings record the per-task workers and the Ray run, so results.json states how
+    CP-SAT actually ran.
+    """
+    run = None if policy is None else str(policy.resolve())
+    jobs = [InstanceJob(n, tuple(methods), time_limit, workers, run) for n in names]
+
+    def done(index: int, value: tuple[dict[str, Any], list[MethodResult]]) -> None:
+        for result in value[1]:
+            on_result(result)
+
+    with user_errors():
+        try:
+            outcomes = map_tasks(
+                evaluate_instance,
+                jobs,
+                ray_address=ray_address,
+                num_cpus_per_task=workers,
+                progress=done,
+            )
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+    settings = dict(outcomes[0][0]["settings"])
+    settings["cpsat_workers"] = workers
+    settings["cpu_count"] = available_cpus()
+    settings["ray"] = {
+        "address": "local" if ray_address is None else ray_address,
+        "tasks": len(jobs),
+        "cpus_per_task": workers,
+    }
+    return merge_documents([doc for doc, _ in outcomes], settings)
 
 
 def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:

@@ -11,13 +11,17 @@ The work itself is :func:`autofab.agents.policies.training.train_one`; this modu
 only the terminal: a progress bar over timesteps, and bad input as one red line with exit
 code 2. torch and SB3 are imported when the command runs, so ``autofab --help`` stays
 quick. Registered in :mod:`autofab.control.cli` with ``app.command("train")(train)``.
+
+Several seeds (``--seeds 0,1,2,3``) train in parallel as Ray tasks, one CPU each, through
+:func:`autofab.control.ray_tasks.map_tasks`: on a local Ray by default, or on a running
+cluster with ``--ray-address``. ``--no-ray`` (or no ray installed) trains them one after
+another in this process, with the per-step bar.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -37,11 +41,18 @@ from autofab.control.console import (
     fail,
     user_errors,
 )
+from autofab.control.ray_tasks import RAY_REQUIREMENT, map_tasks, ray_available
 
 if TYPE_CHECKING:
     from stable_baselines3.common.callbacks import BaseCallback
 
-__all__ = ["parse_seeds", "train"]
+    from autofab.agents.policies.training import TrainResult, TrainSpec
+
+__all__ = ["parse_seeds", "train", "train_in_task"]
+
+#: CPUs reserved per training task: SB3 on small MLPs with DummyVecEnv is one core's work,
+#: and more torch threads per process only fight each other when seeds run side by side.
+CPUS_PER_TRAIN_TASK = 1
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -77,6 +88,20 @@ def _progress_callback(progress: Progress, label: str) -> BaseCallback:
             progress.update(self.task, completed=self.num_timesteps)
 
     return RichProgress()
+
+
+def train_in_task(spec: TrainSpec) -> TrainResult:
+    """Train one seed inside a Ray task (top-level, so workers import it by name).
+
+    torch is limited to the task's CPUs first: by default each process would start a
+    thread per core, and N seeds on N cores would then run N x N threads.
+    """
+    import torch
+
+    from autofab.agents.policies.training import train_one
+
+    torch.set_num_threads(CPUS_PER_TRAIN_TASK)
+    return train_one(spec)
 
 
 def _command_words(params: dict[str, Any]) -> list[str]:
@@ -174,6 +199,24 @@ def train(
         ),
     ] = None,
     verbose: Annotated[int, typer.Option("--verbose", help="SB3 verbosity (0, 1, 2).")] = 0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDR",
+            help="Train the seeds as tasks on this running Ray cluster (HOST:PORT, "
+            "ray://HOST:PORT or auto); its nodes need autofab and should share -f's folder.",
+            show_default=False,
+        ),
+    ] = None,
+    use_ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray/--no-ray",
+            help="Train several seeds in parallel as Ray tasks (a local Ray unless "
+            "--ray-address); --no-ray trains them one after another.",
+        ),
+    ] = True,
 ) -> None:
     """Train a policy with SB3 on an autofab environment; write a run folder per seed.
 
@@ -190,9 +233,7 @@ def train(
             TrainSpec,
             parse_env_kwargs,
             parse_hyperparam_overrides,
-            train_one,
         )
-        from autofab.envs.model import InvalidActionError
 
         seed_list = parse_seeds(seeds) if seeds is not None else [seed]
         words = _command_words(
@@ -227,40 +268,29 @@ def train(
             )
             for s in seed_list
         ]
-    if len(specs) > 1:
-        why = (
-            "ray is not installed"
-            if importlib.util.find_spec("ray") is None
-            else "parallel Ray training is not wired in yet"
-        )
+        if ray_address is not None and not use_ray:
+            raise ValueError("--ray-address and --no-ray contradict each other; drop one")
+        if ray_address is not None and not ray_available():
+            raise ValueError(f"--ray-address needs ray: pip install '{RAY_REQUIREMENT}'")
+    parallel = use_ray and (ray_address is not None or len(specs) > 1)
+    if parallel:
+        # Check the settings here, before Ray starts (seconds) and in one line, instead
+        # of once per task. train_one checks again in the task; that check is the cheap
+        # part (no folder, no model yet).
+        from autofab.agents.policies.training import check_spec
+
+        with user_errors():
+            check_spec(specs[0])
+    if parallel and not ray_available():
+        parallel = False
         err_console.print(
-            f"{why}: training seeds {', '.join(map(str, seed_list))} one after another",
+            f"ray is not installed (pip install '{RAY_REQUIREMENT}'): training seeds "
+            f"{', '.join(map(str, seed_list))} one after another",
             style="yellow",
             markup=False,
             soft_wrap=True,
         )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    ) as progress:
-        results = []
-        for spec in specs:
-            bar = _progress_callback(progress, f"{spec.algo} seed {spec.seed}")
-            with user_errors():
-                try:
-                    results.append(train_one(spec, [bar]))
-                except InvalidActionError as exc:
-                    fail(
-                        f"{spec.algo} made an invalid action; this is a bug in autofab, "
-                        f"please report it. {exc}",
-                        code=EXIT_INTERNAL,
-                    )
+    results = _train_with_ray(specs, ray_address) if parallel else _train_here(specs)
     for result in results:
         for warning in result.warnings:
             err_console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
@@ -272,3 +302,82 @@ def train(
             f"{result.mean_return:.4g}{makespan}"
         )
         console.print(f"run folder: {escape(result.run_dir)}", soft_wrap=True)
+
+
+def _train_here(specs: list[TrainSpec]) -> list[TrainResult]:
+    """Train the seeds one after another in this process, with a bar over timesteps."""
+    from autofab.agents.policies.training import train_one
+    from autofab.envs.model import InvalidActionError
+
+    results = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        for spec in specs:
+            bar = _progress_callback(progress, f"{spec.algo} seed {spec.seed}")
+            with user_errors():
+                try:
+                    results.append(train_one(spec, [bar]))
+                except InvalidActionError as exc:
+                    _invalid_action(spec.algo, exc)
+    return results
+
+
+def _train_with_ray(specs: list[TrainSpec], ray_address: str | None) -> list[TrainResult]:
+    """Train every seed as its own Ray task; a line on stderr as each seed finishes.
+
+    Run folders go to the absolute form of ``-f``: a Ray worker's working directory is
+    not this one, and on a cluster the path must name a shared folder anyway.
+    """
+    from dataclasses import replace
+
+    from autofab.envs.model import InvalidActionError
+
+    specs = [replace(s, log_folder=str(Path(s.log_folder).resolve())) for s in specs]
+    where = "a local Ray" if ray_address is None else f"the Ray cluster at {ray_address}"
+    err_console.print(
+        f"training seeds {', '.join(str(s.seed) for s in specs)} in parallel on {where}",
+        style="dim",
+        markup=False,
+        soft_wrap=True,
+    )
+    finished = 0
+
+    def on_done(index: int, result: TrainResult) -> None:
+        nonlocal finished
+        finished += 1
+        err_console.print(
+            f"[{finished}/{len(specs)}] seed {result.seed} done: {result.timesteps} steps",
+            style="dim",
+            markup=False,
+            soft_wrap=True,
+        )
+
+    with user_errors():
+        try:
+            return map_tasks(
+                train_in_task,
+                specs,
+                ray_address=ray_address,
+                num_cpus_per_task=CPUS_PER_TRAIN_TASK,
+                progress=on_done,
+            )
+        except InvalidActionError as exc:
+            _invalid_action(specs[0].algo, exc)
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _invalid_action(algo: str, exc: Exception) -> NoReturn:
+    """An invalid action is autofab's bug, not bad input: exit 1, asking for a report."""
+    fail(
+        f"{algo} made an invalid action; this is a bug in autofab, please report it. {exc}",
+        code=EXIT_INTERNAL,
+    )

@@ -65,6 +65,7 @@ __all__ = [
     "ValidActionWrapper",
     "build_policy_kwargs",
     "check_hyperparams",
+    "check_spec",
     "evaluate_policy",
     "load_hyperparams",
     "parse_env_kwargs",
@@ -288,6 +289,10 @@ def check_hyperparams(
                 if not float(value).is_integer():
                     raise TrainingError(f"hyperparameter {key!r} must be an integer, got {value!r}")
                 value = int(value)
+            if key in _COUNTS and value < 1:
+                raise TrainingError(f"hyperparameter {key!r} must be >= 1, got {value!r}")
+            if value < 0 and key not in _MAY_BE_NEGATIVE:
+                raise TrainingError(f"hyperparameter {key!r} must be >= 0, got {value!r}")
             kwargs[key] = value
         elif default is None and _is_number(value):
             kwargs[key] = value
@@ -408,7 +413,15 @@ def _has_masks(env: gym.Env[Any, Any]) -> bool:
         return False
 
 
-def _plan(spec: TrainSpec) -> _Plan:
+#: Hyperparameters that count something: at least 1 (SB3 crashes deep inside otherwise).
+_COUNTS = frozenset(
+    {"n_steps", "batch_size", "n_epochs", "buffer_size", "train_freq", "target_update_interval"}
+)
+#: Numbers SB3 documents with a meaningful negative value (-1: as many steps as collected).
+_MAY_BE_NEGATIVE = frozenset({"gradient_steps"})
+
+
+def check_spec(spec: TrainSpec) -> _Plan:
     """Check ``spec`` end to end (algo, env id, kwargs, hyperparameters, spaces)."""
     if spec.algo not in ALGOS:
         raise TrainingError(f"unknown algo {spec.algo!r}; choose one of {sorted(ALGOS)}")
@@ -571,7 +584,7 @@ def train_one(spec: TrainSpec, callbacks: Sequence[BaseCallback] = ()) -> TrainR
     and raises :class:`TrainingError`. ``callbacks`` (a progress bar, say) are added to
     the evaluation callback; a Ray task passes none.
     """
-    plan = _plan(spec)
+    plan = check_spec(spec)
     warnings: list[str] = []
     root = Path(spec.log_folder)
     run_dir = root / run_folder_name(spec.env_id, spec.algo, spec.seed)

@@ -92,3 +92,42 @@ def test_unwritable_out_folder_is_exit_2(tmp_path):
     result = invoke("--instances", "ft06", "--baselines", "mwkr", "--out", str(blocker / "sub"))
     assert result.exit_code == 2
     assert "cannot write to --out folder" in result.output
+
+
+def test_instances_as_ray_tasks_match_the_sequential_run(tmp_path):
+    ray = pytest.importorskip("ray")
+    docs = {}
+    for flag in ("--no-ray", "--ray"):
+        out = tmp_path / flag
+        args = ["--instances", "ft06,la01", "--baselines", "spt,mwkr", "--out", str(out)]
+        result = invoke(*args, flag)
+        assert result.exit_code == 0, result.output
+        docs[flag] = json.loads((out / "results.json").read_text())
+        assert (out / "gantt_la01.png").read_bytes().startswith(PNG_MAGIC)
+    seq, par = docs["--no-ray"], docs["--ray"]
+    assert list(par["instances"]) == ["ft06", "la01"], "input order"
+    for name, entry in seq["instances"].items():
+        for method, res in entry["methods"].items():
+            assert par["instances"][name]["methods"][method]["makespan"] == res["makespan"]
+    assert par["mean_gap"] == seq["mean_gap"]
+    assert "ray" not in seq["settings"]
+    ray_run = par["settings"]["ray"]
+    assert ray_run["address"] == "local"
+    assert ray_run["tasks"] == 2
+    assert par["settings"]["cpsat_workers"] == ray_run["cpus_per_task"] >= 1
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ray-address", "127.0.0.1:1", "--no-ray"], "contradict"),
+        (["--ray-address", "127.0.0.1:1"], "cannot join the Ray cluster"),
+        (["--cpus-per-task", "0"], "--cpus-per-task"),
+    ],
+)
+def test_bad_ray_options_are_exit_2(tmp_path, args, message):
+    pytest.importorskip("ray")
+    result = invoke("--instances", "ft06,la01", "--baselines", "spt", *args, "--out", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output

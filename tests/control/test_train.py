@@ -68,11 +68,52 @@ def test_train_writes_a_run_folder(tmp_path: Path) -> None:
     assert "policy_kwargs:{net_arch: [16, 16], activation_fn: relu}" in meta["command"]
 
 
-def test_several_seeds_run_one_after_another(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["train", *TINY, "--seeds", "0,1", "-f", str(tmp_path)])
+def test_several_seeds_run_one_after_another_with_no_ray(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", *TINY, "--seeds", "0,1", "--no-ray", "-f", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "one after another" in result.output
+    assert "in parallel" not in result.output
     assert sorted(p.name.split("__")[2] for p in tmp_path.iterdir()) == ["0", "1"]
+
+
+def test_several_seeds_train_in_parallel_as_ray_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = pytest.importorskip("ray")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", *TINY, "--seeds", "0,1", "-f", "runs"])
+    assert result.exit_code == 0, result.output
+    assert "in parallel on a local Ray" in result.output
+    assert "[2/2] seed" in result.output
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert sorted(p.name.split("__")[2] for p in folders) == ["0", "1"]
+    for folder in folders:
+        assert {"model.zip", "policy.json", "evaluations.csv"} <= {p.name for p in folder.iterdir()}
+        assert f"run folder: {folder}" in result.output
+    assert not ray.is_initialized(), "the local Ray that train started is shut down"
+
+
+def test_bad_input_with_several_seeds_fails_before_ray_starts(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    args = ["--hyperparams", "learning_rate:x", "--seeds", "0,1", "-f", str(tmp_path)]
+    result = runner.invoke(app, ["train", *TINY, *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert "'learning_rate' must be a number" in lines[0]
+    assert "in parallel" not in result.output
+    assert not ray.is_initialized()
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unreachable_ray_address_is_exit_2(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    result = runner.invoke(
+        app,
+        ["train", *TINY, "--seeds", "0,1", "--ray-address", "127.0.0.1:1", "-f", str(tmp_path)],
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot join the Ray cluster at --ray-address '127.0.0.1:1'" in result.output
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
