@@ -25,6 +25,7 @@ solution found can differ from run to run: that is CP-SAT's parallel portfolio, 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -181,7 +182,7 @@ def solve_cpsat(
     model.add_max_equality(makespan, [ends[int(o) - 1] for o in inst.job_offsets[1:]])
     model.minimize(makespan)
     if hint is not None:
-        _add_hint(model, inst, hint, scale, starts, chosen)
+        _add_hint(model, inst, hint, scale, starts, ends, chosen, ticks, makespan)
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit_s)
@@ -210,10 +211,23 @@ def _add_hint(
     hint: Sequence[Mapping[str, Any]],
     scale: int,
     starts: list[cp_model.IntVar],
+    ends: list[cp_model.IntVar],
     chosen: dict[int, dict[int, cp_model.IntVar]],
+    ticks: Mapping[tuple[int, int], int],
+    makespan: cp_model.IntVar,
 ) -> None:
-    """Hint start times and machine choices from a schedule; reject entries out of range."""
+    """Hint start times and machine choices from a schedule; reject entries out of range.
+
+    When the hint covers every operation, every variable is hinted (ends and the makespan
+    too), so CP-SAT can load it whole as its first incumbent instead of repairing a
+    partial hint; the search then only ever reports schedules at least as good. The
+    hint's makespan is also added as an upper bound on the objective, which prunes the
+    search to improving schedules. Both hold only if the hint is feasible in solver ticks:
+    a schedule with fractional times rounded up may not be, so the bound is added only
+    when the hint checks out (precedence and no overlap, in ticks).
+    """
     n_ops_job = np.diff(inst.job_offsets)
+    hinted: dict[int, tuple[int, int]] = {}
     for i, entry in enumerate(hint):
         try:
             j, k, m = int(entry["job"]), int(entry["index"]), int(entry["machine"])
@@ -228,9 +242,49 @@ def _add_hint(
                 f"{inst.name!r} does not have"
             )
         o = int(inst.job_offsets[j]) + k
-        model.add_hint(starts[o], _ticks(start, scale))
+        if not inst.eligible[o, m]:
+            raise ValueError(
+                f"CP-SAT hint entry {i} {dict(entry)} puts operation {k} of job {j} on "
+                f"machine {m}, which cannot run it"
+            )
+        begin = _ticks(start, scale)
+        hinted[o] = (begin, m)
+        model.add_hint(starts[o], begin)
         for machine, lit in chosen.get(o, {}).items():
             model.add_hint(lit, machine == m)
+    release = [_ticks(float(r), scale) for r in inst.release]
+    if len(hinted) != inst.n_ops or not _feasible_in_ticks(inst, hinted, ticks, release):
+        return
+    finish = {o: begin + ticks[o, m] for o, (begin, m) in hinted.items()}
+    for o, end in finish.items():
+        model.add_hint(ends[o], end)
+    bound = max(finish[int(o) - 1] for o in inst.job_offsets[1:])
+    model.add_hint(makespan, bound)
+    model.add(makespan <= bound)
+
+
+def _feasible_in_ticks(
+    inst: Instance,
+    hinted: Mapping[int, tuple[int, int]],
+    ticks: Mapping[tuple[int, int], int],
+    release: Sequence[int],
+) -> bool:
+    """Whether a complete hint keeps release, route order and machine capacity in ticks."""
+    finish = {o: begin + ticks[o, m] for o, (begin, m) in hinted.items()}
+    for j in range(inst.n_jobs):
+        first, stop = int(inst.job_offsets[j]), int(inst.job_offsets[j + 1])
+        if hinted[first][0] < release[j]:
+            return False
+        if any(hinted[o + 1][0] < finish[o] for o in range(first, stop - 1)):
+            return False
+    by_machine: dict[int, list[tuple[int, int]]] = {}
+    for o, (begin, m) in hinted.items():
+        by_machine.setdefault(m, []).append((begin, finish[o]))
+    for spans in by_machine.values():
+        spans.sort()
+        if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
+            return False
+    return True
 
 
 def _read_schedule(

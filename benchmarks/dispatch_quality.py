@@ -1,0 +1,160 @@
+"""Schedule quality on Taillard's ta01-ta20: dispatching rules, CP-SAT, and improvement.
+
+One run of :func:`autofab.agents.policies.evaluation.evaluate` over the instances, with
+every dispatching rule, ``cpsat`` (CP-SAT alone, ``--time-limit`` seconds per instance)
+and ``improve`` (CP-SAT for the same time, seeded with the best rule's or policy's
+schedule), plus a policy when ``--policy`` is given. It prints the versions and CPUs, the
+command, the gap of every method on every instance, the mean gap per method, and the p99
+decision time of the policy and the rules.
+
+The question it answers: does seeding CP-SAT with a dispatcher's schedule beat CP-SAT
+alone at the same budget? Both run with the same workers and random seed; CP-SAT's result
+depends on both and on the machine's load, so the header records them.
+
+Run from the repository root::
+
+    python benchmarks/dispatch_quality.py                          # ta01-ta20, 10 s each
+    python benchmarks/dispatch_quality.py --time-limit 5 --json q.json
+    python benchmarks/dispatch_quality.py --policy runs/slj.npz --instances ta01-ta10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import environment_info, header, markdown_table, write_report
+from rich.console import Console
+from rich.progress import Progress
+
+from autofab.agents.policies.evaluation import (
+    CPSAT,
+    IMPROVE,
+    POLICY,
+    MethodResult,
+    PolicyFn,
+    evaluate,
+    expand_instances,
+)
+from autofab.envs.instances import InstanceError
+from autofab.envs.jobshop import JobShopEnv
+from autofab.envs.rules import RULES
+
+DEFAULT_INSTANCES = "ta01-ta20"
+
+
+def _policy_factory(spec: str) -> Callable[[JobShopEnv], PolicyFn]:
+    """``--policy``: a self-labeling ``.npz`` file, or a training run folder."""
+    path = Path(spec)
+    if path.suffix == ".npz":
+        from autofab.agents.policies.self_labeling import load
+
+        policy = load(path)
+        return lambda env: policy
+    from autofab.agents.policies.artifacts import load_policy
+
+    return lambda env: load_policy(path, env)  # type: ignore[return-value]
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def report(doc: dict[str, Any]) -> str:
+    """The per-instance gap table, the mean gaps, and the p99 decision times."""
+    methods: list[str] = doc["settings"]["methods"]
+    rows = []
+    for name, entry in doc["instances"].items():
+        cells = [name, str(entry["best_known"])]
+        cells += [_percent(entry["methods"][m]["gap"]) for m in methods]
+        improve = entry["methods"].get(IMPROVE)
+        cells.append(improve["seed"] if improve else "-")
+        rows.append(cells)
+    rows.append(["mean", ""] + [_percent(doc["mean_gap"][m]) for m in methods] + [""])
+    table = markdown_table(["instance", "best known", *methods, "improve seed"], rows, left=2)
+    latency = [
+        [m, f"{max(e['methods'][m]['decision_ms_p99'] for e in doc['instances'].values()):.3f}"]
+        for m in methods
+        if m not in (CPSAT, IMPROVE)
+    ]
+    lines = [
+        "gap to best known, % (lower is better)",
+        table,
+        "",
+        "p99 decision time, ms (worst instance)",
+        markdown_table(["method", "p99 ms"], latency, left=1),
+    ]
+    half = [n for n in doc["instances"] if n in set(expand_instances("ta11-ta20"))]
+    if half and CPSAT in methods and IMPROVE in methods:
+        wins = sum(
+            doc["instances"][n]["methods"][IMPROVE]["makespan"]
+            < doc["instances"][n]["methods"][CPSAT]["makespan"]
+            for n in half
+        )
+        ties = sum(
+            doc["instances"][n]["methods"][IMPROVE]["makespan"]
+            == doc["instances"][n]["methods"][CPSAT]["makespan"]
+            for n in half
+        )
+        lines += ["", f"ta11-ta20: improve better than cpsat on {wins}/{len(half)}, ties {ties}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--instances", default=DEFAULT_INSTANCES, help="names and ranges")
+    parser.add_argument(
+        "--time-limit", type=float, default=10.0, help="CP-SAT seconds per instance"
+    )
+    parser.add_argument(
+        "--improve", type=float, help="improve's CP-SAT seconds (default: --time-limit)"
+    )
+    parser.add_argument("--workers", type=int, help="CP-SAT workers (default: usable CPUs)")
+    parser.add_argument("--policy", help="a run folder, or a self-labeling .npz policy")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    args = parser.parse_args(argv)
+    if not args.time_limit > 0:
+        parser.error(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    try:
+        names = expand_instances(args.instances)
+    except InstanceError as exc:
+        parser.error(str(exc))
+    factory = None if args.policy is None else _policy_factory(args.policy)
+    info = environment_info("ortools", "torch")
+    print(header(info), flush=True)
+    methods = [*RULES, CPSAT, IMPROVE]
+    n_methods = len(methods) + (factory is not None)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(names) * n_methods)
+
+        def advance(result: MethodResult) -> None:
+            bar.update(task, advance=1, description=f"{result.instance} {result.method}")
+
+        doc = evaluate(
+            names,
+            methods,
+            args.time_limit,
+            policy_factory=factory,
+            workers=args.workers,
+            on_result=advance,
+            improve_s=args.improve,
+        )
+    settings = doc["settings"]
+    print(
+        f"cpsat: {settings['time_limit_s']:g} s, improve: {settings['improve_s']:g} s, "
+        f"{settings['cpsat_workers']} workers, seed {settings['cpsat_random_seed']}"
+        + ("" if args.policy is None else f"; policy ({POLICY}): {args.policy}")
+    )
+    print(report(doc))
+    write_report(args.json, {"environment": info, **doc})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
