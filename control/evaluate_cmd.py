@@ -96,6 +96,16 @@ def evaluate(
         float,
         typer.Option("--time-limit", metavar="SECONDS", help="CP-SAT time limit per instance."),
     ] = 10.0,
+    improve: Annotated[
+        float | None,
+        typer.Option(
+            "--improve",
+            metavar="SECONDS",
+            help="Also run the improvement mode: the best policy or rule schedule seeds "
+            "CP-SAT (as a complete hint) for this many seconds.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         Path,
         typer.Option(
@@ -144,6 +154,11 @@ def evaluate(
     with user_errors():
         names = expand_instances(instances)
         methods = parse_methods(baselines)
+        if improve is not None:
+            if not improve > 0:
+                raise ValueError(f"--improve must be a number of seconds > 0, got {improve:g}")
+            if evaluation.IMPROVE not in methods:
+                methods.append(evaluation.IMPROVE)
         if not time_limit > 0:
             raise ValueError(f"--time-limit must be a number of seconds > 0, got {time_limit:g}")
         if ray_address is not None and use_ray is False:
@@ -191,6 +206,7 @@ def evaluate(
                     names,
                     methods,
                     time_limit,
+                    improve,
                     policy,
                     workers,
                     ray_address,
@@ -201,6 +217,7 @@ def evaluate(
                     names,
                     methods,
                     time_limit,
+                    improve_s=improve,
                     policy_factory=None if policies is None else _factory(policies),
                     on_result=on_result,
                 )
@@ -258,6 +275,7 @@ class InstanceJob:
     time_limit_s: float
     workers: int
     policy_run: str | None = None
+    improve_s: float | None = None
 
 
 def evaluate_instance(job: InstanceJob) -> tuple[dict[str, Any], list[MethodResult]]:
@@ -270,19 +288,18 @@ def evaluate_instance(job: InstanceJob) -> tuple[dict[str, Any], list[MethodResu
     if job.policy_run is not None:
         import torch
 
-        from autofab.agents.policies.artifacts import load_policy
-
         torch.set_num_threads(job.workers)
         run = Path(job.policy_run)
 
         def factory(env: JobShopEnv) -> PolicyFn:
-            return load_policy(run, env)
+            return load_any_policy(run, env)
 
     results: list[MethodResult] = []
     doc = evaluation.evaluate(
         [job.name],
         list(job.methods),
         job.time_limit_s,
+        improve_s=job.improve_s,
         policy_factory=factory,
         workers=job.workers,
         on_result=results.append,
@@ -325,6 +342,7 @@ def _evaluate_with_ray(
     names: list[str],
     methods: list[str],
     time_limit: float,
+    improve_s: float | None,
     policy: Path | None,
     workers: int,
     ray_address: str | None,
@@ -337,7 +355,7 @@ def _evaluate_with_ray(
     CP-SAT actually ran.
     """
     run = None if policy is None else str(policy.resolve())
-    jobs = [InstanceJob(n, tuple(methods), time_limit, workers, run) for n in names]
+    jobs = [InstanceJob(n, tuple(methods), time_limit, workers, run, improve_s) for n in names]
 
     def done(index: int, value: tuple[dict[str, Any], list[MethodResult]]) -> None:
         for result in value[1]:
@@ -365,13 +383,13 @@ def _evaluate_with_ray(
     return merge_documents([doc for doc, _ in outcomes], settings)
 
 
-def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:
-    """The run's policy for each instance, checked against each instance's spaces now.
+def load_any_policy(path: Path, env: JobShopEnv) -> PolicyFn:
+    """A training run folder (``policy.json``, checked against ``env``), or a
+    self-labeling dispatcher saved as ``.npz`` (it fits any instance size)."""
+    if path.suffix == ".npz":
+        from autofab.agents.policies import self_labeling
 
-    Loading up front turns a policy that does not fit an instance (another size) into an
-    input error before minutes of CP-SAT, not after. Instances with the same spaces share
-    one loaded model.
-    """
+        return self_labeling.load(path)
     try:
         from autofab.agents.policies.artifacts import load_policy
     except ImportError as exc:
@@ -379,6 +397,16 @@ def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:
             f"--policy needs autofab.agents.policies.artifacts, which cannot be imported "
             f"({exc}); evaluate baselines only, without --policy"
         ) from None
+    return load_policy(path, env)
+
+
+def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:
+    """The run's policy for each instance, checked against each instance's spaces now.
+
+    Loading up front turns a policy that does not fit an instance (another size) into an
+    input error before minutes of CP-SAT, not after. Instances with the same spaces share
+    one loaded model.
+    """
     by_shape: dict[tuple[tuple[int, ...], int], PolicyFn] = {}
     out: dict[str, PolicyFn] = {}
     for name in names:
@@ -386,7 +414,7 @@ def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:
         key = (env.observation_space.shape, int(env.action_space.n))
         if key not in by_shape:
             try:
-                by_shape[key] = load_policy(run, env)
+                by_shape[key] = load_any_policy(run, env)
             except ValueError as exc:
                 raise ValueError(f"--policy {str(run)!r} on {name}: {exc}") from None
         out[name] = by_shape[key]

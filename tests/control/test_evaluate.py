@@ -131,3 +131,28 @@ def test_bad_ray_options_are_exit_2(tmp_path, args, message):
     result = invoke("--instances", "ft06,la01", "--baselines", "spt", *args, "--out", str(tmp_path))
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_improve_and_a_self_labeling_policy(tmp_path):
+    from pathlib import Path
+
+    npz = (
+        Path(__file__).resolve().parents[2]
+        / "agents/policies/pretrained/jobshop_self_labeling_prototype.npz"
+    )
+    result = invoke(
+        "--policy", str(npz), "--instances", "ft06", "--baselines", "mwkr",
+        "--time-limit", "1", "--improve", "1", "--no-ray", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    methods = json.loads((tmp_path / "results.json").read_text())["instances"]["ft06"]["methods"]
+    assert set(methods) == {"policy", "mwkr", "improve"}
+    seed_best = min(methods["policy"]["makespan"], methods["mwkr"]["makespan"])
+    assert methods["improve"]["makespan"] <= seed_best
+    assert methods["policy"]["decision_ms_p99"] < 5.0
+
+
+def test_improve_must_be_positive(tmp_path):
+    result = invoke("--instances", "ft06", "--improve", "0", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "--improve" in result.output
