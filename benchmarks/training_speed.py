@@ -1,0 +1,84 @@
+"""Training throughput: environment steps per second while SB3 trains on ``JobShop-v0``.
+
+The issue's yardstick is SB3 on CartPole ("about 3,700 steps/s here"), so the peer is
+exactly that, measured in the same run: PPO with SB3's defaults on ``CartPole-v1``. Ours is
+MaskablePPO (sb3-contrib) with the same defaults on ``autofab/JobShop-v0`` with random
+15x15 Taillard-style instances, the researchers' setting. Both train single-process with
+one env and one torch thread; only ``learn()`` is timed (construction is not). Steps/s
+therefore include the network updates, as a researcher experiences them.
+
+    python benchmarks/training_speed.py                 # 3 repeats of 8192 steps each
+    python benchmarks/training_speed.py --steps 20000 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import gymnasium as gym
+import torch
+from common import environment_info, header, markdown_table, spread
+from sb3_contrib import MaskablePPO
+from stable_baselines3 import PPO
+
+import autofab.envs  # noqa: F401  (registers autofab/JobShop-v0)
+
+SIZE = {"jobs": 15, "machines": 15}
+OURS, PEER = "autofab JobShop-v0 (MaskablePPO)", "CartPole-v1 (PPO)"
+
+
+def time_learn(make: Callable[[], object], steps: int) -> float:
+    """Steps per second of one ``learn(steps)`` call (model built outside the timer)."""
+    model = make()
+    start = time.perf_counter()
+    model.learn(steps)  # type: ignore[attr-defined]
+    return steps / (time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8192, help="environment steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per side")
+    args = parser.parse_args(argv)
+    if args.steps < 2048 or args.repeats < 1:
+        parser.error("--steps must be >= 2048 (one PPO rollout) and --repeats >= 1")
+    torch.set_num_threads(1)
+    print(header(environment_info("gymnasium", "stable-baselines3", "sb3-contrib", "torch")))
+    print(
+        "ours: MaskablePPO('MlpPolicy', JobShop-v0 random 15x15), SB3 defaults; "
+        "peer: PPO('MlpPolicy', CartPole-v1), SB3 defaults; 1 env, 1 torch thread"
+    )
+
+    def ours() -> object:
+        env = gym.make("autofab/JobShop-v0", instance=SIZE)
+        return MaskablePPO("MlpPolicy", env, seed=0, device="cpu")
+
+    def peer() -> object:
+        return PPO("MlpPolicy", gym.make("CartPole-v1"), seed=0, device="cpu")
+
+    rates: dict[str, list[float]] = {
+        "autofab JobShop-v0 (MaskablePPO)": [],
+        "CartPole-v1 (PPO)": [],
+    }
+    for _ in range(args.repeats):
+        # Alternate the two so that load on a shared machine hits both alike.
+        rates["CartPole-v1 (PPO)"].append(time_learn(peer, args.steps))
+        rates["autofab JobShop-v0 (MaskablePPO)"].append(time_learn(ours, args.steps))
+    ours_median = statistics.median(rates["autofab JobShop-v0 (MaskablePPO)"])
+    peer_median = statistics.median(rates["CartPole-v1 (PPO)"])
+    rows = [
+        [name, spread(values), f"{statistics.median(values) / peer_median:.2f}x"]
+        for name, values in rates.items()
+    ]
+    print(f"\ntraining steps/s, median [min-max] over {args.repeats} repeats of {args.steps} steps")
+    print(markdown_table(["run", "steps/s", "ratio to CartPole"], rows, left=1))
+    print(f"ratio (ours / CartPole): {ours_median / peer_median:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
