@@ -289,16 +289,23 @@ class FactoryModel(PlantModel):
         """The shift is over, or every order is finished."""
         return self.now >= self.horizon - _EPS or self.jobs_done == self.instance.n_jobs
 
-    def candidates(self, machine: int) -> NDArray[np.int64]:
-        """Jobs whose next operation ``machine`` could start now, oldest release first."""
+    def startable(self) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+        """Each job's next operation, and whether it could start now on a free eligible
+        machine: the job is unfinished, its previous operation is done, it is released,
+        and the stock covers its material. (Which machines are free is the caller's part.)
+        """
         nxt = np.minimum(self.job_next, self.last_op)
         ok = (
             (self.job_next < self.job_end)
             & (self.job_ready <= self.now + _EPS)
-            & self._eligible[nxt, machine]
             & self.material_available(nxt)
         )
-        jobs = np.flatnonzero(ok)
+        return nxt, ok
+
+    def candidates(self, machine: int) -> NDArray[np.int64]:
+        """Jobs whose next operation ``machine`` could start now, oldest release first."""
+        nxt, ok = self.startable()
+        jobs = np.flatnonzero(ok & self._eligible[nxt, machine])
         return jobs[np.argsort(self.instance.release[jobs], kind="stable")]
 
     def material_available(self, ops: NDArray[np.int64]) -> NDArray[np.bool_]:
@@ -310,14 +317,8 @@ class FactoryModel(PlantModel):
 
     def action_mask(self) -> NDArray[np.bool_]:
         """Jobs that some idle machine could start now (material included)."""
-        idle = self.status == IDLE
-        nxt = np.minimum(self.job_next, self.last_op)
-        return (
-            (self.job_next < self.job_end)
-            & (self.job_ready <= self.now + _EPS)
-            & (self._eligible[nxt] & idle).any(axis=1)
-            & self.material_available(nxt)
-        )
+        nxt, ok = self.startable()
+        return ok & (self._eligible[nxt] & (self.status == IDLE)).any(axis=1)
 
     def needs_decision(self) -> NDArray[np.int64]:
         """Idle machines waiting for a decision now."""
@@ -705,13 +706,8 @@ class FactoryModel(PlantModel):
 
     def _machines_with_work(self) -> NDArray[np.bool_]:
         """Machines for which some job could start now (capability, readiness, material)."""
-        nxt = np.minimum(self.job_next, self.last_op)
-        ready = (
-            (self.job_next < self.job_end)
-            & (self.job_ready <= self.now + _EPS)
-            & self.material_available(nxt)
-        )
-        return self._eligible[nxt[ready]].any(axis=0)
+        nxt, ok = self.startable()
+        return self._eligible[nxt[ok]].any(axis=0)
 
     def _breakdown(self, m: int) -> None:
         p = self.plant
