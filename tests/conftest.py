@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from autofab.envs import Instance, instance_from_dict
+from autofab.envs.factory import DEFAULT_REWARD_WEIGHTS
 
 
 @pytest.fixture
@@ -68,3 +69,26 @@ def flexible_spec() -> dict[str, Any]:
 @pytest.fixture
 def flexible_instance(flexible_spec: dict[str, Any]) -> Instance:
     return instance_from_dict(flexible_spec)
+
+
+@pytest.fixture
+def expected_return():
+    """The documented reward, summed over an episode, computed from the final KPIs.
+
+    An oracle independent of the envs' own reward bookkeeping: both factory envs are
+    held to it.
+    """
+
+    def compute(kpis: dict, weights: dict) -> float:
+        w = {**DEFAULT_REWARD_WEIGHTS, **weights}
+        return (
+            w["parts"] * kpis["parts_good"]
+            - w["tardiness_h"] * kpis["tardiness_s"] / 3600
+            - w["energy_cost"] * kpis["energy_cost"]
+            - w["over_cap_h"] * kpis["over_cap_s"] / 3600
+            - w["cap_violations"] * kpis["cap_violations"]
+            - w["scrap"] * kpis["parts_scrap"]
+            - w["maintenance"] * kpis["maintenance"]
+        )
+
+    return compute
