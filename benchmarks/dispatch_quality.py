@@ -3,9 +3,9 @@
 One run of :func:`autofab.agents.policies.evaluation.evaluate` over the instances, with
 every dispatching rule, ``cpsat`` (CP-SAT alone, ``--time-limit`` seconds per instance)
 and ``improve`` (CP-SAT for the same time, seeded with the best rule's or policy's
-schedule), plus a policy when ``--policy`` is given. It prints the versions and CPUs, the
-command, the gap of every method on every instance, the mean gap per method, and the p99
-decision time of the policy and the rules.
+schedule), plus a policy: the shipped dispatcher unless ``--policy`` names another. It
+prints the versions and CPUs, the command, the gap of every method on every instance, the
+mean gap per method, and the p99 decision time of the policy and the rules.
 
 The question it answers: does seeding CP-SAT with a dispatcher's schedule beat CP-SAT
 alone at the same budget? Both run with the same workers and random seed; CP-SAT's result
@@ -15,7 +15,8 @@ Run from the repository root::
 
     python benchmarks/dispatch_quality.py                          # ta01-ta20, 10 s each
     python benchmarks/dispatch_quality.py --time-limit 5 --json q.json
-    python benchmarks/dispatch_quality.py --policy runs/slj.npz --instances ta01-ta10
+    python benchmarks/dispatch_quality.py --policy runs/<run> --instances ta01-ta10
+    python benchmarks/dispatch_quality.py --instances random:20x20:5,random:30x20:5
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from common import environment_info, header, markdown_table, write_report
 from rich.console import Console
 from rich.progress import Progress
 
+from autofab.agents.policies.artifacts import load_policy
 from autofab.agents.policies.evaluation import (
     CPSAT,
     IMPROVE,
@@ -39,6 +41,7 @@ from autofab.agents.policies.evaluation import (
     evaluate,
     expand_instances,
 )
+from autofab.control.evaluate_cmd import resolve_policy_path
 from autofab.envs.instances import InstanceError
 from autofab.envs.jobshop import JobShopEnv
 from autofab.envs.rules import RULES
@@ -47,15 +50,9 @@ DEFAULT_INSTANCES = "ta01-ta20"
 
 
 def _policy_factory(spec: str) -> Callable[[JobShopEnv], PolicyFn]:
-    """``--policy``: a self-labeling ``.npz`` file, or a training run folder."""
-    path = Path(spec)
-    if path.suffix == ".npz":
-        from autofab.agents.policies.self_labeling import load
-
-        policy = load(path)
-        return lambda env: policy
-    from autofab.agents.policies.artifacts import load_policy
-
+    """``--policy``: ``default`` (the shipped dispatcher), a dispatcher ``.npz`` file, or a
+    training run folder, through the same loader ``autofab evaluate`` uses."""
+    path = resolve_policy_path(Path(spec))
     return lambda env: load_policy(path, env)  # type: ignore[return-value]
 
 
@@ -63,17 +60,56 @@ def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _group(name: str) -> str:
+    """Where an instance is summarised: ta01-ta10, ta11-ta20, random-20x20, ..."""
+    if name.startswith("random-"):
+        return name.rsplit("-", 1)[0]
+    if name.startswith("ta") and name[2:].isdigit():
+        lo = (int(name[2:]) - 1) // 10 * 10 + 1
+        return f"ta{lo:02d}-ta{lo + 9:02d}"
+    return "other"
+
+
+def improve_vs_cpsat(doc: dict[str, Any]) -> list[list[str]]:
+    """Per group: how often improve's makespan beats, ties and loses to CP-SAT's, and the
+    mean makespan ratio improve / cpsat (below 1: improve is better)."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for name, entry in doc["instances"].items():
+        m = entry["methods"]
+        groups.setdefault(_group(name), []).append((m[IMPROVE]["makespan"], m[CPSAT]["makespan"]))
+    rows = []
+    for group, pairs in groups.items():
+        better = sum(i < c for i, c in pairs)
+        ties = sum(i == c for i, c in pairs)
+        ratio = sum(i / c for i, c in pairs) / len(pairs)
+        rows.append(
+            [
+                group,
+                str(len(pairs)),
+                str(better),
+                str(ties),
+                str(len(pairs) - better - ties),
+                f"{ratio:.4f}",
+            ]
+        )
+    return rows
+
+
 def report(doc: dict[str, Any]) -> str:
-    """The per-instance gap table, the mean gaps, and the p99 decision times."""
+    """Per instance: gap to best known (or the makespan where none is known); the mean
+    gaps, the p99 decision times, and improve against CP-SAT per instance group."""
     methods: list[str] = doc["settings"]["methods"]
     rows = []
     for name, entry in doc["instances"].items():
-        cells = [name, str(entry["best_known"])]
-        cells += [_percent(entry["methods"][m]["gap"]) for m in methods]
+        known = entry["best_known"]
+        cells = [name, str(known or "-")]
+        for m in methods:
+            result = entry["methods"][m]
+            cells.append(_percent(result["gap"]) if known else f"{result['makespan']:g}")
         improve = entry["methods"].get(IMPROVE)
         cells.append(improve["seed"] if improve else "-")
         rows.append(cells)
-    rows.append(["mean", ""] + [_percent(doc["mean_gap"][m]) for m in methods] + [""])
+    rows.append(["mean gap", ""] + [_percent(doc["mean_gap"][m]) for m in methods] + [""])
     table = markdown_table(["instance", "best known", *methods, "improve seed"], rows, left=2)
     latency = [
         [m, f"{max(e['methods'][m]['decision_ms_p99'] for e in doc['instances'].values()):.3f}"]
@@ -81,25 +117,22 @@ def report(doc: dict[str, Any]) -> str:
         if m not in (CPSAT, IMPROVE)
     ]
     lines = [
-        "gap to best known, % (lower is better)",
+        "gap to best known, % (lower is better); makespan where no best is known",
         table,
         "",
         "p99 decision time, ms (worst instance)",
         markdown_table(["method", "p99 ms"], latency, left=1),
     ]
-    half = [n for n in doc["instances"] if n in set(expand_instances("ta11-ta20"))]
-    if half and CPSAT in methods and IMPROVE in methods:
-        wins = sum(
-            doc["instances"][n]["methods"][IMPROVE]["makespan"]
-            < doc["instances"][n]["methods"][CPSAT]["makespan"]
-            for n in half
-        )
-        ties = sum(
-            doc["instances"][n]["methods"][IMPROVE]["makespan"]
-            == doc["instances"][n]["methods"][CPSAT]["makespan"]
-            for n in half
-        )
-        lines += ["", f"ta11-ta20: improve better than cpsat on {wins}/{len(half)}, ties {ties}"]
+    if CPSAT in methods and IMPROVE in methods:
+        lines += [
+            "",
+            "improve against cpsat at the same budget (makespans)",
+            markdown_table(
+                ["group", "instances", "improve better", "ties", "cpsat better", "mean ratio"],
+                improve_vs_cpsat(doc),
+                left=1,
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -116,7 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--improve", type=float, help="improve's CP-SAT seconds (default: --time-limit)"
     )
     parser.add_argument("--workers", type=int, help="CP-SAT workers (default: usable CPUs)")
-    parser.add_argument("--policy", help="a run folder, or a self-labeling .npz policy")
+    parser.add_argument(
+        "--policy",
+        default="default",
+        help="'default' (the shipped dispatcher), a run folder, a dispatcher .npz, or 'none'",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
     if not args.time_limit > 0:
@@ -125,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = expand_instances(args.instances)
     except InstanceError as exc:
         parser.error(str(exc))
+    if args.policy == "none":
+        args.policy = None
     factory = None if args.policy is None else _policy_factory(args.policy)
     info = environment_info("ortools", "torch")
     print(header(info), flush=True)

@@ -53,7 +53,6 @@ from autofab.control.console import (
     user_errors,
 )
 from autofab.control.ray_tasks import RAY_REQUIREMENT, available_cpus, map_tasks, ray_available
-from autofab.envs.instances import load_benchmark
 from autofab.envs.jobshop import JobShopEnv
 from autofab.envs.model import InvalidActionError
 from autofab.envs.validate import ScheduleError
@@ -80,7 +79,8 @@ def evaluate(
             "--policy",
             "-p",
             metavar="RUN",
-            help="A training run folder (runs/<run>) whose policy to evaluate.",
+            help="The policy to evaluate: a training run folder (runs/<run>), a dispatcher "
+            ".npz, or 'default' for the dispatcher shipped with autofab.",
             show_default=False,
         ),
     ] = None,
@@ -251,7 +251,7 @@ def evaluate(
 
         for name, result in best.items():
             gantt_chart(
-                load_benchmark(name),
+                evaluation.load_instance_by_name(name),
                 result.schedule,
                 out / f"gantt_{name}.png",
                 title=f"best: {result.method}",
@@ -286,9 +286,12 @@ def evaluate_instance(job: InstanceJob) -> tuple[dict[str, Any], list[MethodResu
     """
     factory: Callable[[JobShopEnv], PolicyFn] | None = None
     if job.policy_run is not None:
-        import torch
-
-        torch.set_num_threads(job.workers)
+        try:
+            import torch
+        except ImportError:  # a numpy dispatcher needs no torch
+            pass
+        else:
+            torch.set_num_threads(job.workers)
         run = Path(job.policy_run)
 
         def factory(env: JobShopEnv) -> PolicyFn:
@@ -354,7 +357,7 @@ def _evaluate_with_ray(
     settings record the per-task workers and the Ray run, so results.json states how
     CP-SAT actually ran.
     """
-    run = None if policy is None else str(policy.resolve())
+    run = None if policy is None else str(resolve_policy_path(policy).resolve())
     jobs = [InstanceJob(n, tuple(methods), time_limit, workers, run, improve_s) for n in names]
 
     def done(index: int, value: tuple[dict[str, Any], list[MethodResult]]) -> None:
@@ -383,21 +386,25 @@ def _evaluate_with_ray(
     return merge_documents([doc for doc, _ in outcomes], settings)
 
 
+#: ``--policy default`` names the dispatcher shipped with autofab.
+DEFAULT_POLICY_NAME = "default"
+
+
+def resolve_policy_path(policy: Path) -> Path:
+    """``--policy``: ``default`` (the shipped dispatcher), a run folder, or a ``.npz``."""
+    if str(policy) == DEFAULT_POLICY_NAME and not policy.exists():
+        from autofab.agents.policies.dispatcher import DEFAULT_DISPATCHER
+
+        return DEFAULT_DISPATCHER
+    return policy
+
+
 def load_any_policy(path: Path, env: JobShopEnv) -> PolicyFn:
     """A training run folder (``policy.json``, checked against ``env``), or a
-    self-labeling dispatcher saved as ``.npz`` (it fits any instance size)."""
-    if path.suffix == ".npz":
-        from autofab.agents.policies import self_labeling
+    dispatcher saved as ``.npz`` (it fits any instance size), through the one loader."""
+    from autofab.agents.policies.artifacts import load_policy
 
-        return self_labeling.load(path)
-    try:
-        from autofab.agents.policies.artifacts import load_policy
-    except ImportError as exc:
-        raise ValueError(
-            f"--policy needs autofab.agents.policies.artifacts, which cannot be imported "
-            f"({exc}); evaluate baselines only, without --policy"
-        ) from None
-    return load_policy(path, env)
+    return load_policy(resolve_policy_path(path), env)
 
 
 def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:
@@ -410,7 +417,7 @@ def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:
     by_shape: dict[tuple[tuple[int, ...], int], PolicyFn] = {}
     out: dict[str, PolicyFn] = {}
     for name in names:
-        env = JobShopEnv(load_benchmark(name))
+        env = JobShopEnv(evaluation.load_instance_by_name(name))
         key = (env.observation_space.shape, int(env.action_space.n))
         if key not in by_shape:
             try:

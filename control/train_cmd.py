@@ -29,6 +29,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -131,7 +132,9 @@ def train(
     algo: Annotated[
         str,
         typer.Option(
-            "--algo", help="Algorithm: maskable_ppo (sb3-contrib), ppo, a2c or dqn (Discrete)."
+            "--algo",
+            help="Algorithm: maskable_ppo (sb3-contrib), ppo, a2c, dqn (Discrete), or "
+            "self_labeling (the job-shop dispatcher, trained on random instances).",
         ),
     ] = "maskable_ppo",
     env: Annotated[
@@ -321,10 +324,16 @@ def _train_here(specs: list[TrainSpec]) -> list[TrainResult]:
         disable=not err_console.is_terminal,
     ) as progress:
         for spec in specs:
-            bar = _progress_callback(progress, f"{spec.algo} seed {spec.seed}")
+            label = f"{spec.algo} seed {spec.seed}"
+            bar = _progress_callback(progress, label)
+            task = progress.add_task(label, total=None, visible=False)
+
+            def moved(done: int, total: int, task: TaskID = task) -> None:
+                progress.update(task, completed=done, total=total, visible=True)
+
             with user_errors():
                 try:
-                    results.append(train_one(spec, [bar]))
+                    results.append(train_one(spec, [bar], on_progress=moved))
                 except InvalidActionError as exc:
                     _invalid_action(spec.algo, exc)
     return results

@@ -14,7 +14,15 @@ from numpy.typing import NDArray
 from autofab.envs.instances import Instance, InstanceError, load_instance, random_instance
 from autofab.envs.model import InvalidActionError, PlantModel
 
-__all__ = ["OBSERVATION_LAYOUT", "JobShopEnv", "MaskedDiscrete"]
+__all__ = [
+    "N_JOB_BLOCKS",
+    "N_MACHINE_BLOCKS",
+    "OBSERVATION_LAYOUT",
+    "JobShopEnv",
+    "MaskedDiscrete",
+    "observation_blocks",
+    "observation_scale",
+]
 
 #: The observation's blocks, in order: (name, one value per "job" | "machine" | "plant").
 OBSERVATION_LAYOUT = (
@@ -29,6 +37,9 @@ OBSERVATION_LAYOUT = (
     ("progress", "plant"),
     ("time", "plant"),
 )
+#: Blocks per job and per machine in :data:`OBSERVATION_LAYOUT`.
+N_JOB_BLOCKS = sum(kind == "job" for _, kind in OBSERVATION_LAYOUT)
+N_MACHINE_BLOCKS = sum(kind == "machine" for _, kind in OBSERVATION_LAYOUT)
 
 InstanceSpec = str | Path | Mapping[str, Any] | Instance
 
@@ -83,7 +94,8 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     whether it can start now. Per machine: time until free and work still to come. For
     the plant: fraction of operations started and the current time. Times are divided by
     the instance's longest operation, work by the largest job or machine load, and the
-    clock by the total work, then clipped to ``[0, 1]``.
+    clock by the total work, then clipped to ``[0, 1]``. :func:`observation_blocks` splits
+    an observation (or a batch) back into named blocks.
 
     ## Rewards
 
@@ -150,30 +162,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     def _set_instance(self, inst: Instance) -> None:
         self.instance = inst
         self.model = PlantModel(inst)
-        self._t_norm = 1.0 / max(inst.max_duration, 1e-12)
-        self._job_norm = 1.0 / max(float(inst.job_total_work.max()), 1e-12)
-        self._machine_norm = 1.0 / max(float(inst.machine_load.max()), 1e-12)
-        self._ops_norm = 1.0 / inst.max_ops_per_job
-        self._horizon_norm = 1.0 / max(float(inst.min_duration.sum() + inst.release.max()), 1e-12)
-        self._n_ops_norm = 1.0 / inst.n_ops
-        # One multiplier per observation entry, in OBSERVATION_LAYOUT order.
-        n_jobs, n_machines = inst.n_jobs, inst.n_machines
-        norms = {
-            "job_next_op_time": self._t_norm,
-            "job_work_left": self._job_norm,
-            "job_ops_left": self._ops_norm,
-            "job_wait": self._t_norm,
-            "job_machine_wait": self._t_norm,
-            "machine_wait": self._t_norm,
-            "machine_work_left": self._machine_norm,
-            "job_can_start": 1.0,
-            "progress": self._n_ops_norm,
-            "time": self._horizon_norm,
-        }
-        counts = {"job": n_jobs, "machine": n_machines, "plant": 1}
-        self._scale = np.concatenate(
-            [np.full(counts[kind], norms[name]) for name, kind in OBSERVATION_LAYOUT]
-        ).astype(np.float32)
+        self._scale = observation_scale(inst)
         self.reward_scale = self._reward_scale_arg or max(inst.max_duration, 1.0)
 
     # ------------------------------------------------------------------ API
@@ -333,3 +322,52 @@ def _random_spec(spec: Mapping[str, Any]) -> tuple[int, int, int, int]:
     if not 0 <= low <= high:
         raise InstanceError(f"random instance spec: need 0 <= low <= high, got {low}, {high}")
     return jobs, machines, low, high
+
+
+def observation_scale(inst: Instance) -> NDArray[np.float32]:
+    """One multiplier per observation entry, in :data:`OBSERVATION_LAYOUT` order.
+
+    Times divide by the longest operation, job and machine work by the largest job and
+    machine load, the clock by the total work (plus the last release), counts by their
+    maximum. Raw model values times this, clipped to ``[0, 1]``, are the observation.
+    """
+    t_norm = 1.0 / max(inst.max_duration, 1e-12)
+    norms = {
+        "job_next_op_time": t_norm,
+        "job_work_left": 1.0 / max(float(inst.job_total_work.max()), 1e-12),
+        "job_ops_left": 1.0 / inst.max_ops_per_job,
+        "job_wait": t_norm,
+        "job_machine_wait": t_norm,
+        "machine_wait": t_norm,
+        "machine_work_left": 1.0 / max(float(inst.machine_load.max()), 1e-12),
+        "job_can_start": 1.0,
+        "progress": 1.0 / inst.n_ops,
+        "time": 1.0 / max(float(inst.min_duration.sum() + inst.release.max()), 1e-12),
+    }
+    counts = {"job": inst.n_jobs, "machine": inst.n_machines, "plant": 1}
+    return np.concatenate(
+        [np.full(counts[kind], norms[name]) for name, kind in OBSERVATION_LAYOUT]
+    ).astype(np.float32)
+
+
+def observation_blocks(
+    obs: NDArray[np.float32], n_jobs: int, n_machines: int
+) -> dict[str, NDArray[np.float32]]:
+    """Split observations into the named blocks of :data:`OBSERVATION_LAYOUT` (views).
+
+    ``obs`` is one observation ``(size,)`` or a batch ``(..., size)``; each block comes
+    back as ``(..., count)`` with ``count`` jobs, machines or 1.
+    """
+    counts = {"job": n_jobs, "machine": n_machines, "plant": 1}
+    expected = sum(counts[kind] for _, kind in OBSERVATION_LAYOUT)
+    if obs.shape[-1] != expected:
+        raise ValueError(
+            f"observation has {obs.shape[-1]} entries; {n_jobs} jobs and {n_machines} "
+            f"machines give {expected}"
+        )
+    out: dict[str, NDArray[np.float32]] = {}
+    start = 0
+    for name, kind in OBSERVATION_LAYOUT:
+        out[name] = obs[..., start : start + counts[kind]]
+        start += counts[kind]
+    return out

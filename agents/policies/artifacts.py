@@ -18,6 +18,7 @@ same way in training curves, in benchmarks and on the plant::
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import pickle
@@ -25,26 +26,37 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
-import torch as th
 from gymnasium import spaces
 from numpy.typing import NDArray
-from sb3_contrib import MaskablePPO
-from stable_baselines3 import A2C, DQN, PPO
-from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.vec_env import VecNormalize
+
+from autofab.agents.policies.dispatcher import (
+    DispatcherLoadError,
+    DispatcherPolicy,
+    layout_names,
+    load_dispatcher,
+)
+
+if TYPE_CHECKING:  # SB3 and torch load only when an SB3 model does (deployment may lack them)
+    from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.vec_env import VecNormalize
 
 __all__ = [
     "ALGOS",
+    "DISPATCHER_FILE",
     "MODEL_FILE",
     "NORMALIZER_FILE",
     "POLICY_FILE",
+    "SB3_ALGOS",
     "SCHEMA_VERSION",
+    "SELF_LABELING",
     "LoadedPolicy",
     "PolicyLoadError",
+    "algo_class",
+    "dispatcher_spaces",
     "load_policy",
     "package_version",
     "read_policy_json",
@@ -59,13 +71,27 @@ MODEL_FILE = "model.zip"
 #: The observation normaliser's file name, as rl-baselines3-zoo names it.
 NORMALIZER_FILE = "vecnormalize.pkl"
 
-#: Algorithm name (as on the command line and in ``policy.json``) -> SB3 class.
-ALGOS: dict[str, type[BaseAlgorithm]] = {
-    "a2c": A2C,
-    "dqn": DQN,
-    "maskable_ppo": MaskablePPO,
-    "ppo": PPO,
+#: SB3 algorithm names (as on the command line and in ``policy.json``) -> their class.
+SB3_ALGOS: dict[str, str] = {
+    "a2c": "stable_baselines3:A2C",
+    "dqn": "stable_baselines3:DQN",
+    "maskable_ppo": "sb3_contrib:MaskablePPO",
+    "ppo": "stable_baselines3:PPO",
 }
+#: The self-labeling dispatcher (:mod:`autofab.agents.policies.self_labeling`): a numpy
+#: network that fits any JobShop-v0 instance size, stored as :data:`DISPATCHER_FILE`.
+SELF_LABELING = "self_labeling"
+DISPATCHER_FILE = "model.npz"
+#: Every algorithm a run folder may hold.
+ALGOS: tuple[str, ...] = (*sorted(SB3_ALGOS), SELF_LABELING)
+
+
+def algo_class(algo: str) -> type[BaseAlgorithm]:
+    """The SB3 class of an algorithm in :data:`SB3_ALGOS` (imported on first use)."""
+    module, name = SB3_ALGOS[algo].split(":")
+    cls: type[BaseAlgorithm] = getattr(importlib.import_module(module), name)
+    return cls
+
 
 _REQUIRED_FIELDS = ("schema_version", "algo", "env_id", "observation_space", "action_space")
 
@@ -144,8 +170,8 @@ def write_policy_json(
     algo: str,
     env_id: str,
     env_kwargs: Mapping[str, Any],
-    observation_space: spaces.Space[Any],
-    action_space: spaces.Space[Any],
+    observation_space: spaces.Space[Any] | Mapping[str, Any],
+    action_space: spaces.Space[Any] | Mapping[str, Any],
     command: Sequence[str],
     seed: int,
     total_timesteps: int,
@@ -153,8 +179,10 @@ def write_policy_json(
 ) -> Path:
     """Write ``policy.json`` into ``run_dir``; returns its path.
 
-    ``command`` is the training command line as a list of words, kept so a run can be
-    reproduced; ``normalized`` says whether :data:`NORMALIZER_FILE` must be loaded too.
+    Spaces are given as spaces or as ready signatures (a size-free dispatcher records
+    :func:`dispatcher_spaces`). ``command`` is the training command line as a list of
+    words, kept so a run can be reproduced; ``normalized`` says whether
+    :data:`NORMALIZER_FILE` must be loaded too.
     """
     data = {
         "schema_version": SCHEMA_VERSION,
@@ -162,18 +190,22 @@ def write_policy_json(
         "env_id": env_id,
         "env_version": _env_version(env_id),
         "env_kwargs": dict(env_kwargs),
-        "observation_space": space_signature(observation_space),
-        "action_space": space_signature(action_space),
+        "observation_space": _signature(observation_space),
+        "action_space": _signature(action_space),
         "normalized": normalized,
         "seed": seed,
         "total_timesteps": total_timesteps,
         "command": list(command),
         "autofab_version": package_version(),
-        "model_file": MODEL_FILE,
+        "model_file": DISPATCHER_FILE if algo == SELF_LABELING else MODEL_FILE,
     }
     path = Path(run_dir) / POLICY_FILE
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _signature(space: spaces.Space[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    return dict(space) if isinstance(space, Mapping) else space_signature(space)
 
 
 def read_policy_json(run_dir: str | Path) -> dict[str, Any]:
@@ -228,6 +260,8 @@ class LoadedPolicy:
         x = np.asarray(obs, dtype=np.float32)
         if self.normalizer is not None:
             x = np.asarray(self.normalizer.normalize_obs(x), dtype=np.float32)
+        from sb3_contrib import MaskablePPO
+
         space = self.model.action_space
         if isinstance(self.model, MaskablePPO):
             action, _ = self.model.predict(x, deterministic=True, action_masks=mask)
@@ -241,6 +275,9 @@ class LoadedPolicy:
 
     def _scores(self, obs: NDArray[np.float32]) -> NDArray[np.float64]:
         """Per-action preference: Q-values (DQN) or logits (actor-critic)."""
+        import torch as th
+        from stable_baselines3 import DQN
+
         policy: Any = self.model.policy
         obs_t, _ = policy.obs_to_tensor(obs)
         with th.no_grad():
@@ -267,6 +304,8 @@ def _check_space(
 
 def _load_normalizer(path: Path) -> VecNormalize:
     """The saved ``VecNormalize`` without its venv: only its running statistics are used."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
     if not path.is_file():
         raise PolicyLoadError(f"{str(path)!r} is missing, but policy.json says the run used it")
     try:
@@ -280,25 +319,42 @@ def _load_normalizer(path: Path) -> VecNormalize:
     return normalizer
 
 
-def load_policy(run_dir: str | Path, env: gym.Env[Any, Any] | None = None) -> LoadedPolicy:
-    """Load a training run folder as a :class:`LoadedPolicy`.
+def load_policy(
+    run_dir: str | Path, env: gym.Env[Any, Any] | None = None
+) -> LoadedPolicy | DispatcherPolicy:
+    """Load a training run folder (or a dispatcher ``.npz``) as a callable policy.
 
     With ``env``, its observation and action spaces must match the signatures recorded in
     ``policy.json``; otherwise the load is refused naming the space, expected and found.
-    Every failure (missing folder or file, corrupt JSON, zip or pickle, wrong schema) is a
-    :class:`PolicyLoadError` naming the file, never an exception from inside torch.
+    A self-labeling dispatcher fits any ``JobShop-v0`` size, so for it the env's
+    observation *layout* is checked instead of its shape. Every failure (missing folder
+    or file, corrupt JSON, zip, pickle or npz, wrong schema) is a :class:`PolicyLoadError`
+    naming the file, never an exception from inside torch.
     """
-    folder = Path(run_dir)
-    meta = read_policy_json(folder)
+    path = Path(run_dir)
+    if path.suffix == ".npz":
+        return _load_dispatcher_file(path, env)
+    meta = read_policy_json(path)
+    if meta["algo"] == SELF_LABELING:
+        if env is not None:
+            _check_dispatcher_env(meta, env, f"the env (policy {str(path)!r})")
+        return _load_dispatcher_file(path / str(meta.get("model_file", DISPATCHER_FILE)), None)
     if env is not None:
-        where = f"the env (policy {str(folder)!r})"
+        where = f"the env (policy {str(path)!r})"
         _check_space("observation", meta["observation_space"], env.observation_space, where)
         _check_space("action", meta["action_space"], env.action_space, where)
-    model_path = folder / str(meta.get("model_file", MODEL_FILE))
+    model_path = path / str(meta.get("model_file", MODEL_FILE))
     if not model_path.is_file():
         raise PolicyLoadError(f"{str(model_path)!r} is missing")
     try:
-        model = ALGOS[meta["algo"]].load(model_path, device="cpu")
+        cls = algo_class(meta["algo"])
+    except ImportError as exc:
+        raise PolicyLoadError(
+            f"{str(model_path)!r} is a {meta['algo']} model, which needs the [rl] extra "
+            f"(pip install 'autofab[rl]'): {exc}"
+        ) from None
+    try:
+        model = cls.load(model_path, device="cpu")
     except Exception as exc:  # zipfile, torch, pickle and json all raise their own types
         raise PolicyLoadError(
             f"{str(model_path)!r} cannot be loaded as a {meta['algo']} model: "
@@ -307,5 +363,39 @@ def load_policy(run_dir: str | Path, env: gym.Env[Any, Any] | None = None) -> Lo
     where = repr(str(model_path))
     _check_space("observation", meta["observation_space"], model.observation_space, where)
     _check_space("action", meta["action_space"], model.action_space, where)
-    normalizer = _load_normalizer(folder / NORMALIZER_FILE) if meta.get("normalized") else None
+    normalizer = _load_normalizer(path / NORMALIZER_FILE) if meta.get("normalized") else None
     return LoadedPolicy(model=model, algo=meta["algo"], normalizer=normalizer, meta=meta)
+
+
+def dispatcher_spaces() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The size-free space signatures a self-labeling run records in ``policy.json``."""
+    observation = {"type": "Box", "dtype": "float32", "layout": layout_names()}
+    return observation, {"type": "Discrete", "n": "n_jobs"}
+
+
+def _check_dispatcher_env(meta: Mapping[str, Any], env: gym.Env[Any, Any], where: str) -> None:
+    """A dispatcher needs a JobShop-v0 env with the layout it was trained on."""
+    from autofab.envs.jobshop import JobShopEnv
+
+    if not isinstance(env.unwrapped, JobShopEnv):
+        raise PolicyLoadError(
+            f"observation space of {where} does not fit: a self-labeling dispatcher acts on "
+            f"autofab/JobShop-v0, found {type(env.unwrapped).__name__}"
+        )
+    expected = meta["observation_space"].get("layout")
+    if expected != layout_names():
+        raise PolicyLoadError(
+            f"observation space of {where} does not match policy.json (differs in layout): "
+            f"expected {expected}, found {layout_names()}"
+        )
+
+
+def _load_dispatcher_file(path: Path, env: gym.Env[Any, Any] | None) -> DispatcherPolicy:
+    try:
+        policy = load_dispatcher(path)
+    except DispatcherLoadError as exc:
+        raise PolicyLoadError(str(exc)) from None
+    if env is not None:
+        observation, _ = dispatcher_spaces()
+        _check_dispatcher_env({"observation_space": observation}, env, repr(str(path)))
+    return policy

@@ -33,7 +33,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from autofab.agents.policies.cpsat import RANDOM_SEED, CpSatError, available_cpus, solve_cpsat
-from autofab.envs.instances import Instance, InstanceError, benchmark_names, load_benchmark
+from autofab.envs.instances import (
+    Instance,
+    InstanceError,
+    benchmark_names,
+    load_benchmark,
+    random_instance,
+)
 from autofab.envs.jobshop import JobShopEnv
 from autofab.envs.rules import RULES, RulePolicy
 from autofab.envs.validate import validate_schedule
@@ -47,6 +53,7 @@ __all__ = [
     "evaluate",
     "expand_instances",
     "improve_schedule",
+    "load_instance_by_name",
     "mean_gaps",
     "parse_methods",
     "run_policy",
@@ -70,12 +77,28 @@ _NAME = re.compile(r"([a-z]+)(\d+)")
 # --------------------------------------------------------------------------- instances
 
 
+_RANDOM_NAME = re.compile(r"random-(\d+)x(\d+)-s(\d+)")
+_RANDOM_SET = re.compile(r"random:(\d+)x(\d+):(\d+)")
+
+
+def load_instance_by_name(name: str) -> Instance:
+    """A benchmark by name, or a seeded random instance named ``random-JxM-sSEED``
+    (Taillard-style, the same instance on every machine)."""
+    match = _RANDOM_NAME.fullmatch(name)
+    if match:
+        jobs, machines, seed = (int(g) for g in match.groups())
+        return random_instance(jobs, machines, seed)
+    return load_benchmark(name)
+
+
 def expand_instances(text: str) -> list[str]:
-    """Benchmark names from a comma list of names and ranges: ``"ta01-ta10,ft10"``.
+    """Instance names from a comma list of names and ranges: ``"ta01-ta10,ft10"``.
 
     A range ``ta01-ta10`` stays within one family (same letters on both ends) and keeps
-    the zero padding of its first name. Names are case-insensitive; duplicates are
-    dropped, first occurrence kept.
+    the zero padding of its first name. ``random:20x20:5`` stands for five seeded random
+    Taillard-style instances, ``random-20x20-s0`` to ``random-20x20-s4`` (they have no
+    best-known makespan, so methods are compared by makespan). Names are
+    case-insensitive; duplicates are dropped, first occurrence kept.
 
     Raises:
         InstanceError: A token is empty or malformed, a range is reversed or mixes
@@ -93,6 +116,18 @@ def expand_instances(text: str) -> list[str]:
                 f"--instances {text!r} has an empty entry; separate names and ranges with "
                 "single commas, e.g. ta01-ta10,ft10"
             )
+        random_set = _RANDOM_SET.fullmatch(token)
+        if random_set:
+            jobs, machines, count = (int(g) for g in random_set.groups())
+            if min(jobs, machines, count) < 1:
+                raise InstanceError(
+                    f"random instance set {token!r} needs jobs, machines and count >= 1"
+                )
+            names.extend(f"random-{jobs}x{machines}-s{seed}" for seed in range(count))
+            continue
+        if _RANDOM_NAME.fullmatch(token):
+            names.append(token)
+            continue
         expanded = _expand_range(token) if "-" in token else [token]
         for name in expanded:
             if name not in known:
@@ -325,7 +360,7 @@ def evaluate(
     """Run ``policy`` (if any) and every method on every instance; the results document.
 
     Args:
-        instances: Benchmark names (see :func:`expand_instances`).
+        instances: Benchmark or ``random-JxM-sSEED`` names (see :func:`expand_instances`).
         methods: Rule names from :data:`~autofab.envs.rules.RULES`, ``"cpsat"`` and/or
             ``"improve"``.
         time_limit_s: CP-SAT's time limit per instance, in seconds (> 0).
@@ -369,7 +404,7 @@ def evaluate(
             return fn
 
     names = [POLICY, *methods] if make_policy is not None else list(methods)
-    loaded = [load_benchmark(name) for name in dict.fromkeys(instances)]
+    loaded = [load_instance_by_name(name) for name in dict.fromkeys(instances)]
     doc: dict[str, Any] = {
         "settings": {
             "time_limit_s": time_limit_s,

@@ -1,4 +1,4 @@
-"""A learned dispatcher for ``autofab/JobShop-v0``, trained by self-labeling.
+"""Train the job-shop dispatcher by self-labeling on random Taillard-style instances.
 
 Self-labeling (Corsini et al., 2024, "Self-Labeling the Job Shop Scheduling Problem")
 needs no reward shaping and no critic: for each training instance, sample ``K`` schedules
@@ -6,17 +6,16 @@ from the current policy, keep the one with the best makespan, and train the poli
 cross-entropy to repeat that schedule's decisions. The policy labels its own data, and the
 labels get better as it does.
 
-The network scores each job separately (one small MLP applied to every job), from the
-job's own six observation features plus context pooled over all jobs and machines. The
-same weights therefore run on any instance size: the number of jobs is the mask's length
-and the number of machines follows from the observation's length (see
-:data:`~autofab.envs.jobshop.OBSERVATION_LAYOUT`). Training uses torch; acting uses a
-numpy copy of the weights, because for a network this small torch's per-call overhead
-would dominate the dispatch latency.
+The network is :class:`~autofab.agents.policies.dispatcher.DispatcherPolicy`'s per-job
+MLP. Rollouts run on :class:`~autofab.envs.batch.BatchJobShop`, which steps all ``K``
+samples of one instance in lockstep and produces ``JobShop-v0``'s observations exactly,
+so the trained policy meets in deployment the inputs it was trained on. Training never
+sees a benchmark instance: it draws fresh random instances, and it keeps the weights that
+do best on a fixed validation set of other random instances (greedy makespan over the
+instance's lower bound).
 
->>> policy = train_self_labeling(iterations=200, seed=0)
->>> save(policy, "runs/slj.pt")
->>> evaluate(["ta01"], ["mwkr"], 10, policy=load("runs/slj.pt"))
+>>> policy = train_self_labeling(iterations=2000, seed=0)
+>>> save_dispatcher(policy, "runs/dispatcher.npz")
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,67 +30,36 @@ import torch as th
 from numpy.typing import NDArray
 from torch import nn
 
+from autofab.agents.policies.dispatcher import N_FEATURES, DispatcherPolicy, job_features
+from autofab.envs.batch import BatchJobShop
 from autofab.envs.instances import Instance, random_instance
-from autofab.envs.jobshop import JobShopEnv
-from autofab.envs.rules import RulePolicy
+from autofab.envs.jobshop import observation_blocks
 
 __all__ = [
-    "N_FEATURES",
-    "SelfLabelingPolicy",
+    "DEFAULT_SIZES",
+    "ENV_ID",
+    "HYPERPARAMS",
+    "VALIDATION_SIZES",
     "TrainStats",
-    "job_features",
-    "load",
-    "save",
+    "check_hyperparams",
+    "sizes_from_env_kwargs",
     "train_self_labeling",
+    "validation_instances",
+    "validation_score",
 ]
 
-#: Per-job observation blocks (the first six of ``OBSERVATION_LAYOUT``).
-N_JOB_BLOCKS = 6
-#: Features per job the network sees: own 6, job mean 6, job max 6, machine mean/max 2x2,
-#: plant 2.
-N_FEATURES = 3 * N_JOB_BLOCKS + 4 + 2
+#: The environment whose observations the dispatcher reads.
+ENV_ID = "autofab/JobShop-v0"
 #: Instance sizes (jobs, machines) drawn during training, Taillard-style.
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((10, 10), (15, 10), (15, 15), (20, 10), (20, 15))
-#: File format version written by :func:`save`.
-FORMAT_VERSION = 1
-
-
-def job_features(obs: NDArray[np.float32], n_jobs: int) -> NDArray[np.float32]:
-    """``(n_jobs, N_FEATURES)``: each job's own features next to pooled context.
-
-    Works on a single observation ``(size,)`` or a batch ``(B, size)`` (then returns
-    ``(B, n_jobs, N_FEATURES)``); the machine count follows from the size.
-    """
-    x = np.asarray(obs, dtype=np.float32)
-    single = x.ndim == 1
-    if single:
-        x = x[None]
-    batch = x.shape[0]
-    n_machines = (x.shape[1] - N_JOB_BLOCKS * n_jobs - 2) // 2
-    per_job = N_JOB_BLOCKS - 1  # job blocks before the machine blocks; can_start follows
-    a, b = per_job * n_jobs, per_job * n_jobs + 2 * n_machines
-    jobs = np.concatenate([x[:, :a], x[:, b : b + n_jobs]], axis=1).reshape(
-        batch, N_JOB_BLOCKS, n_jobs
-    )
-    machines = x[:, a:b].reshape(batch, 2, n_machines)
-    context = np.concatenate(
-        [
-            jobs.mean(axis=2),
-            jobs.max(axis=2),
-            machines.mean(axis=2),
-            machines.max(axis=2),
-            x[:, -2:],
-        ],
-        axis=1,
-    )
-    out = np.empty((batch, n_jobs, N_FEATURES), dtype=np.float32)
-    out[:, :, :N_JOB_BLOCKS] = jobs.transpose(0, 2, 1)
-    out[:, :, N_JOB_BLOCKS:] = context[:, None, :]
-    return out[0] if single else out
+#: Sizes of the fixed validation instances (``validation_instances`` of each).
+VALIDATION_SIZES: tuple[tuple[int, int], ...] = ((15, 15), (20, 15))
+#: Seed of the validation instances: the same set for every training seed.
+VALIDATION_SEED = 12_345
 
 
 class _Scorer(nn.Module):
-    """The per-job MLP: ``(..., N_FEATURES) -> (...)`` logits."""
+    """The per-job MLP in torch, for training: ``(..., N_FEATURES) -> (...)`` logits."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -107,133 +74,180 @@ class _Scorer(nn.Module):
     def forward(self, x: th.Tensor) -> th.Tensor:
         return self.net(x).squeeze(-1)
 
-
-class SelfLabelingPolicy:
-    """The trained scorer as a callable ``policy(obs, mask) -> job``, in numpy.
-
-    Greedy: the valid job with the highest score (ties to the lowest index). That is the
-    :data:`~autofab.agents.policies.evaluation.PolicyFn` shape ``evaluate`` takes.
-    """
-
-    def __init__(self, layers: Sequence[tuple[NDArray[np.float32], NDArray[np.float32]]]) -> None:
-        """``layers``: ``(weight (in, out), bias (out,))`` per layer, tanh between them."""
-        if not layers:
-            raise ValueError("a self-labeling policy needs at least one layer")
-        self.layers = [
-            (np.ascontiguousarray(w, dtype=np.float32), np.asarray(b, dtype=np.float32))
-            for w, b in layers
-        ]
-
-    @classmethod
-    def from_module(cls, module: _Scorer) -> SelfLabelingPolicy:
-        """A numpy snapshot of the torch scorer's current weights."""
-        linears = [m for m in module.net if isinstance(m, nn.Linear)]
-        return cls([(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in linears])
-
-    def scores(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Logits for ``(..., N_FEATURES)`` features."""
-        h = features
-        last = len(self.layers) - 1
-        for i, (w, b) in enumerate(self.layers):
-            h = h @ w + b
-            if i < last:
-                h = np.tanh(h)
-        return h[..., 0]
-
-    def __call__(self, obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> int:
-        mask = np.asarray(mask, dtype=bool)
-        logits = self.scores(job_features(obs, mask.shape[0]))
-        return int(np.argmax(np.where(mask, logits, -np.inf)))
+    def snapshot(self) -> DispatcherPolicy:
+        """A numpy copy of the current weights."""
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        return DispatcherPolicy(
+            [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears]
+        )
 
 
 @dataclass(frozen=True)
 class TrainStats:
-    """One training iteration, for progress logs: the instance and what sampling found."""
+    """One training iteration, for progress logs."""
 
     iteration: int
-    size: tuple[int, int]
+    env_steps: int
     best_makespan: float
     mean_makespan: float
     loss: float
     seconds: float
+    #: Mean greedy makespan / lower bound on the validation set, when measured this time.
+    validation: float | None
+    best_validation: float
 
 
-def _rollout(
-    instance: Instance,
-    pick: Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.int64]],
-    k: int,
-) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.int64], NDArray[np.float64]]:
-    """Run ``k`` episodes on ``instance`` in lockstep; features, masks, actions, makespans.
+@dataclass
+class _Rollout:
+    obs: NDArray[np.float32]  # (k, n_ops, size)
+    masks: NDArray[np.bool_]  # (k, n_ops, n_jobs)
+    actions: NDArray[np.int64]  # (k, n_ops)
+    makespans: NDArray[np.float64]  # (k,)
 
-    Every episode of one instance has ``n_ops`` decisions, so the ``k`` runs stay aligned
-    and one network call scores all of them at each step. Arrays are ``(k, n_ops, ...)``.
-    """
-    envs = [JobShopEnv(instance) for _ in range(k)]
-    obs = np.stack([env.reset(seed=0)[0] for env in envs])
-    n_jobs, n_ops = instance.n_jobs, instance.n_ops
-    feats = np.empty((k, n_ops, n_jobs, N_FEATURES), dtype=np.float32)
-    masks = np.empty((k, n_ops, n_jobs), dtype=bool)
-    actions = np.empty((k, n_ops), dtype=np.int64)
-    makespans = np.empty(k)
+
+Picker = Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.int64]]
+
+
+def _rollout(instance: Instance, copies: int, pick: Picker) -> _Rollout:
+    """Run ``copies`` schedules of ``instance`` in lockstep, choosing with ``pick``."""
+    sim = BatchJobShop(instance, copies)
+    n_ops, n_jobs = instance.n_ops, instance.n_jobs
+    obs = np.empty((copies, n_ops, 0), dtype=np.float32)
+    masks = np.empty((copies, n_ops, n_jobs), dtype=bool)
+    actions = np.empty((copies, n_ops), dtype=np.int64)
     for t in range(n_ops):
-        mask = np.stack([env.action_masks() for env in envs])
-        feats[:, t] = job_features(obs, n_jobs)
-        masks[:, t] = mask
-        act = pick(feats[:, t], mask)
-        actions[:, t] = act
-        for i, env in enumerate(envs):
-            o, _, terminated, _, info = env.step(int(act[i]))
-            obs[i] = o
-            if terminated:
-                makespans[i] = info["makespan"]
-    return feats, masks, actions, makespans
+        x = sim.observe()
+        if t == 0:
+            obs = np.empty((copies, n_ops, x.shape[1]), dtype=np.float32)
+        obs[:, t] = x
+        masks[:, t] = sim.mask
+        actions[:, t] = pick(x, sim.mask)
+        sim.step(actions[:, t])
+    return _Rollout(obs, masks, actions, sim.makespan.copy())
 
 
-def _loss(
-    module: _Scorer, feats: NDArray[np.float32], masks: NDArray[np.bool_], actions: NDArray[Any]
-) -> th.Tensor:
-    """Cross-entropy of ``actions`` under the masked softmax over jobs."""
-    logits = module(th.from_numpy(feats))
-    logits = logits.masked_fill(~th.from_numpy(masks), -1e9)
-    return nn.functional.cross_entropy(logits, th.from_numpy(actions))
+def _sampler(policy: DispatcherPolicy, n_jobs: int, rng: np.random.Generator) -> Picker:
+    """Sample each copy's job from the policy's softmax over valid jobs."""
+
+    def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
+        logits = np.where(mask, policy.scores(job_features(obs, n_jobs)), -np.inf)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        u = rng.random((p.shape[0], 1))
+        return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), n_jobs - 1)
+
+    return pick
+
+
+def _greedy(policy: DispatcherPolicy, n_jobs: int) -> Picker:
+    def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
+        logits = policy.scores(job_features(obs, n_jobs))
+        return np.argmax(np.where(mask, logits, -np.inf), axis=1)
+
+    return pick
+
+
+def _mwkr(n_jobs: int, n_machines: int) -> Picker:
+    """Most work remaining, read from the observation (the imitation warm start)."""
+
+    def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
+        work = observation_blocks(obs, n_jobs, n_machines)["job_work_left"]
+        return np.argmax(np.where(mask, work, -np.inf), axis=1)
+
+    return pick
+
+
+def _loss(module: _Scorer, run: _Rollout, which: int, n_jobs: int) -> th.Tensor:
+    """Cross-entropy of schedule ``which``'s decisions under the masked softmax."""
+    feats = job_features(run.obs[which], n_jobs)
+    logits = module(th.from_numpy(feats)).masked_fill(~th.from_numpy(run.masks[which]), -1e9)
+    return nn.functional.cross_entropy(logits, th.from_numpy(run.actions[which]))
+
+
+def _lower_bound(instance: Instance) -> float:
+    return max(float(instance.job_total_work.max()), float(instance.machine_load.max()))
+
+
+def validation_instances(per_size: int) -> list[Instance]:
+    """The fixed validation set: ``per_size`` random instances of each validation size."""
+    rng = np.random.default_rng(VALIDATION_SEED)
+    return [random_instance(j, m, rng) for j, m in VALIDATION_SIZES for _ in range(per_size)]
+
+
+def validation_score(policy: DispatcherPolicy, instances: Sequence[Instance]) -> float:
+    """Mean greedy makespan over the instance's lower bound (lower is better, >= 1)."""
+    ratios = [
+        _rollout(inst, 1, _greedy(policy, inst.n_jobs)).makespans[0] / _lower_bound(inst)
+        for inst in instances
+    ]
+    return float(np.mean(ratios))
 
 
 def train_self_labeling(
-    iterations: int = 500,
+    iterations: int = 2000,
     *,
-    samples: int = 32,
+    samples: int = 64,
+    batch: int = 4,
     sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
     hidden: int = 64,
-    lr: float = 1e-3,
-    imitate: str | None = "mwkr",
+    lr: float = 5e-4,
     imitation_instances: int = 20,
+    validation_instances_per_size: int = 8,
+    validate_every: int = 25,
     seed: int = 0,
     max_seconds: float | None = None,
+    max_env_steps: int | None = None,
     on_iteration: Callable[[TrainStats], None] | None = None,
-) -> SelfLabelingPolicy:
+) -> DispatcherPolicy:
     """Train a dispatcher by self-labeling on random Taillard-style instances.
 
     Args:
-        iterations: Self-labeling iterations, one fresh random instance each.
+        iterations: Gradient steps; each one samples ``batch`` fresh random instances.
         samples: Schedules sampled per instance (``K``); the best one is the label.
-        sizes: ``(jobs, machines)`` choices, drawn uniformly per iteration.
+        batch: Instances per gradient step.
+        sizes: ``(jobs, machines)`` choices, drawn uniformly per instance.
         hidden: Width of the MLP's two hidden layers.
         lr: Adam learning rate.
-        imitate: A rule from :data:`~autofab.envs.rules.RULES` to imitate first (a warm
-            start that saves the early iterations from learning what MWKR already knows),
-            or None to start from random weights.
-        imitation_instances: Instances the imitation warm start is trained on.
+        imitation_instances: Instances on which to imitate MWKR first (a warm start that
+            saves the early iterations from learning what MWKR already knows); 0 starts
+            from random weights.
+        validation_instances_per_size: Validation instances per size in
+            :data:`VALIDATION_SIZES`; 0 turns validation off (the last weights are kept).
+        validate_every: Validate every this many iterations, and after the last one.
         seed: Seeds torch, the instance draws and the sampling.
-        max_seconds: Stop early once this much wall time has passed.
-        on_iteration: Called after each self-labeling iteration (progress, logs).
+        max_seconds: Stop once this much wall time has passed.
+        max_env_steps: Stop once this many environment steps have been simulated.
+        on_iteration: Called after every iteration (progress bars, logs).
 
     Returns:
-        The greedy policy, ready for ``evaluate(..., policy=...)``.
+        The greedy policy with the best validation score; ``policy.meta`` records the
+        settings, the iterations and environment steps done, and the validation score.
     """
-    if iterations < 0 or samples < 1 or not sizes:
+    checks = {
+        "iterations": iterations >= 0,
+        "samples": samples >= 1,
+        "batch": batch >= 1,
+        "hidden": hidden >= 1,
+        "lr": lr > 0,
+        "validate_every": validate_every >= 1,
+        "sizes": len(sizes) > 0 and all(j >= 1 and m >= 1 for j, m in sizes),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        values = {
+            "iterations": iterations,
+            "samples": samples,
+            "batch": batch,
+            "hidden": hidden,
+            "lr": lr,
+            "validate_every": validate_every,
+            "sizes": list(sizes),
+        }
         raise ValueError(
-            f"need iterations >= 0, samples >= 1 and at least one size; got "
-            f"iterations={iterations}, samples={samples}, sizes={list(sizes)}"
+            "self-labeling needs iterations >= 0, samples, batch, hidden and validate_every "
+            ">= 1, lr > 0 and at least one size; got "
+            + ", ".join(f"{name}={values[name]}" for name in bad)
         )
     th.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -245,90 +259,169 @@ def train_self_labeling(
         jobs, machines = sizes[int(rng.integers(len(sizes)))]
         return random_instance(jobs, machines, rng)
 
-    if imitate is not None:
-        rule = RulePolicy(imitate)
-        for _ in range(imitation_instances):
-            inst = draw()
-            env = JobShopEnv(inst)
-            obs, _ = env.reset(seed=0)
-            xs, ms, acts = [], [], []
-            done = False
-            while not done:
-                xs.append(job_features(obs, inst.n_jobs))
-                ms.append(env.action_masks())
-                acts.append(rule(env))
-                obs, _, done, _, _ = env.step(acts[-1])
-            for _ in range(4):
-                loss = _loss(module, np.stack(xs), np.stack(ms), np.asarray(acts))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+    for _ in range(imitation_instances):
+        inst = draw()
+        run = _rollout(inst, 1, _mwkr(inst.n_jobs, inst.n_machines))
+        for _ in range(4):
+            optimizer.zero_grad()
+            _loss(module, run, 0, inst.n_jobs).backward()
+            optimizer.step()
 
+    validation = validation_instances(validation_instances_per_size)
+    best = module.snapshot()
+    best_score = validation_score(best, validation) if validation else float("inf")
+    env_steps = 0
+    done = 0
     for it in range(iterations):
-        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+        out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
+        out_of_steps = max_env_steps is not None and env_steps >= max_env_steps
+        if out_of_time or out_of_steps:
             break
         t0 = time.perf_counter()
-        inst = draw()
-        actor = SelfLabelingPolicy.from_module(module)
-
-        def sample(
-            feats: NDArray[np.float32], mask: NDArray[np.bool_], actor: SelfLabelingPolicy = actor
-        ) -> NDArray[np.int64]:
-            logits = np.where(mask, actor.scores(feats), -np.inf)
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            p /= p.sum(axis=1, keepdims=True)
-            u = rng.random((p.shape[0], 1))
-            return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), mask.shape[1] - 1)
-
-        feats, masks, actions, makespans = _rollout(inst, sample, samples)
-        best = int(np.argmin(makespans))
-        loss = _loss(module, feats[best], masks[best], actions[best])
+        actor = module.snapshot()
         optimizer.zero_grad()
-        loss.backward()
+        loss_sum, best_sum, mean_sum = 0.0, 0.0, 0.0
+        for _ in range(batch):
+            inst = draw()
+            run = _rollout(inst, samples, _sampler(actor, inst.n_jobs, rng))
+            label = int(np.argmin(run.makespans))
+            loss = _loss(module, run, label, inst.n_jobs) / batch
+            loss.backward()
+            loss_sum += float(loss.detach())
+            best_sum += float(run.makespans[label]) / _lower_bound(inst) / batch
+            mean_sum += float(run.makespans.mean()) / _lower_bound(inst) / batch
+            env_steps += samples * inst.n_ops
         optimizer.step()
+        done = it + 1
+        score = None
+        if validation and done % validate_every == 0:
+            candidate = module.snapshot()
+            score = validation_score(candidate, validation)
+            if score < best_score:
+                best, best_score = candidate, score
         if on_iteration is not None:
             on_iteration(
                 TrainStats(
                     iteration=it,
-                    size=(inst.n_jobs, inst.n_machines),
-                    best_makespan=float(makespans[best]),
-                    mean_makespan=float(makespans.mean()),
-                    loss=float(loss.detach()),
+                    env_steps=env_steps,
+                    best_makespan=best_sum,
+                    mean_makespan=mean_sum,
+                    loss=loss_sum,
                     seconds=time.perf_counter() - t0,
+                    validation=score,
+                    best_validation=best_score,
                 )
             )
-    return SelfLabelingPolicy.from_module(module)
+    if validation and done % validate_every != 0:  # the last weights get their chance too
+        candidate = module.snapshot()
+        score = validation_score(candidate, validation)
+        if score < best_score:
+            best, best_score = candidate, score
+    final = best if validation else module.snapshot()
+    meta: dict[str, Any] = {
+        "algo": "self_labeling",
+        "env_id": ENV_ID,
+        "seed": seed,
+        "iterations": done,
+        "env_steps": env_steps,
+        "seconds": round(time.perf_counter() - started, 1),
+        "validation_makespan_over_lb": None if not validation else round(best_score, 4),
+        "settings": {
+            "samples": samples,
+            "batch": batch,
+            "sizes": [list(s) for s in sizes],
+            "hidden": hidden,
+            "lr": lr,
+            "imitation_instances": imitation_instances,
+            "validation_instances_per_size": validation_instances_per_size,
+            "validate_every": validate_every,
+        },
+    }
+    return DispatcherPolicy(final.layers, meta)
 
 
-def save(policy: SelfLabelingPolicy, path: str | Path) -> Path:
-    """Write the policy's weights (numpy arrays, no pickled code) to ``path``."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, Any] = {"format_version": np.asarray(FORMAT_VERSION)}
-    for i, (w, b) in enumerate(policy.layers):
-        arrays[f"w{i}"] = w
-        arrays[f"b{i}"] = b
-    with out.open("wb") as fh:
-        np.savez(fh, **arrays)
-    return out
+# --------------------------------------------------------------------------- autofab train
+
+#: Hyperparameters a ``configs/train/self_labeling.yml`` entry may set, and their checks.
+HYPERPARAMS: dict[str, str] = {
+    "n_timesteps": "an integer >= 1: environment steps to simulate (-n overrides it)",
+    "samples": "an integer >= 1: schedules sampled per instance",
+    "batch": "an integer >= 1: instances per gradient step",
+    "hidden": "an integer >= 1: width of the two hidden layers",
+    "learning_rate": "a number > 0",
+    "sizes": "a list of [jobs, machines] pairs to draw training instances from",
+    "imitation_instances": "an integer >= 0: MWKR warm-start instances",
+    "validation_instances_per_size": "an integer >= 0",
+    "validate_every": "an integer >= 1: iterations between validations",
+    "max_seconds": "a number > 0, or null for no time limit",
+}
 
 
-def load(path: str | Path) -> SelfLabelingPolicy:
-    """Read a policy written by :func:`save`.
+def _valid(key: str, value: Any) -> bool:
+    def integer(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
+
+    if key in ("imitation_instances", "validation_instances_per_size"):
+        return integer(value, 0)
+    if key == "learning_rate":
+        return number(value)
+    if key == "max_seconds":
+        return value is None or number(value)
+    if key == "sizes":
+        return (
+            isinstance(value, list)
+            and len(value) > 0
+            and all(
+                isinstance(s, list) and len(s) == 2 and all(integer(x, 1) for x in s) for s in value
+            )
+        )
+    return integer(value, 1)
+
+
+def check_hyperparams(params: dict[str, Any]) -> dict[str, Any]:
+    """Checked settings for :func:`train_self_labeling` from a config entry.
 
     Raises:
-        ValueError: The file is not a self-labeling policy of a known format version.
+        ValueError: An unknown key, or a value of the wrong type or range; the message
+            names the key and what it must be.
     """
-    with np.load(Path(path), allow_pickle=False) as data:
-        version = int(data["format_version"]) if "format_version" in data else None
-        if version != FORMAT_VERSION:
+    unknown = sorted(set(params) - set(HYPERPARAMS))
+    if unknown:
+        raise ValueError(
+            f"self_labeling has no hyperparameter(s) {unknown}; known: {sorted(HYPERPARAMS)}"
+        )
+    for key, value in params.items():
+        if not _valid(key, value):
             raise ValueError(
-                f"{str(path)!r} is not a self-labeling policy of format {FORMAT_VERSION} "
-                f"(found format {version})"
+                f"self_labeling hyperparameter {key}={value!r}: must be {HYPERPARAMS[key]}"
             )
-        n = sum(1 for key in data.files if key.startswith("w"))
-        layers = [(data[f"w{i}"], data[f"b{i}"]) for i in range(n)]
-    if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in layers):
-        raise ValueError(f"{str(path)!r} holds non-finite weights")
-    return SelfLabelingPolicy(layers)
+    return dict(params)
+
+
+def sizes_from_env_kwargs(env_kwargs: dict[str, Any], sizes: list[list[int]]) -> list[list[int]]:
+    """Training sizes: ``{"instance": {"jobs": J, "machines": M}}`` narrows them to one.
+
+    Raises:
+        ValueError: ``env_kwargs`` names a fixed instance or another keyword; self-labeling
+            trains on fresh random instances, never on one fixed (benchmark) instance.
+    """
+    if not env_kwargs:
+        return sizes
+    instance = env_kwargs.get("instance")
+    extra = sorted(set(env_kwargs) - {"instance"})
+    random_spec = (
+        isinstance(instance, dict)
+        and set(instance) <= {"jobs", "machines"}
+        and all(isinstance(instance.get(k), int) and instance[k] >= 1 for k in ("jobs", "machines"))
+    )
+    if extra or not random_spec:
+        raise ValueError(
+            "self_labeling trains on fresh random instances: --env-kwargs may only be "
+            '{"instance": {"jobs": J, "machines": M}} (or leave it out to use the sizes in '
+            f"configs/train/self_labeling.yml); got {env_kwargs}"
+        )
+    assert isinstance(instance, dict)
+    return [[int(instance["jobs"]), int(instance["machines"])]]

@@ -47,9 +47,13 @@ from torch import nn
 
 from autofab.agents.policies.artifacts import (
     ALGOS,
+    DISPATCHER_FILE,
     MODEL_FILE,
     NORMALIZER_FILE,
+    SELF_LABELING,
     LoadedPolicy,
+    algo_class,
+    dispatcher_spaces,
     write_policy_json,
 )
 from autofab.envs.plant import shipped_configs_dir
@@ -256,7 +260,7 @@ def check_hyperparams(
     the default is a number, a bool where it is a bool). Returns ``(run, algo_kwargs)``
     with ``policy_kwargs`` built by :func:`build_policy_kwargs`.
     """
-    cls = ALGOS[algo]
+    cls = algo_class(algo)
     signature = inspect.signature(cls.__init__).parameters
     allowed = {
         name: p
@@ -428,6 +432,8 @@ def check_spec(spec: TrainSpec) -> _Plan:
     if spec.env_id not in gym.registry:
         known = sorted(k for k in gym.registry if k.startswith("autofab/"))
         raise TrainingError(f"unknown env id {spec.env_id!r}; autofab has {known}")
+    if spec.algo == SELF_LABELING:
+        return _check_self_labeling(spec)
     try:
         probe = gym.make(spec.env_id, **spec.env_kwargs)
     except (TypeError, ValueError, gym.error.Error) as exc:
@@ -461,6 +467,34 @@ def check_spec(spec: TrainSpec) -> _Plan:
     wrap = masked and spec.algo != "maskable_ppo" and isinstance(action_space, spaces.Discrete)
     params["n_timesteps"] = int(n_timesteps)
     return _Plan(params, run, algo_kwargs, int(n_timesteps), wrap)
+
+
+def _check_self_labeling(spec: TrainSpec) -> _Plan:
+    """Settings for a self-labeling run: JobShop-v0 only, sizes from the config or kwargs."""
+    from autofab.agents.policies import self_labeling
+
+    if spec.env_id != self_labeling.ENV_ID:
+        raise TrainingError(
+            f"self_labeling trains the job-shop dispatcher: --env must be "
+            f"{self_labeling.ENV_ID}, got {spec.env_id!r}"
+        )
+    params = load_hyperparams(spec.algo, spec.env_id, spec.conf_file)
+    params.update(spec.hyperparams)
+    params = {key: _as_number(value) for key, value in params.items()}
+    if spec.n_timesteps is not None:
+        params["n_timesteps"] = spec.n_timesteps
+    try:
+        settings = self_labeling.check_hyperparams(params)
+        settings["sizes"] = self_labeling.sizes_from_env_kwargs(
+            spec.env_kwargs, settings.get("sizes", [list(s) for s in self_labeling.DEFAULT_SIZES])
+        )
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    n_timesteps = settings.pop("n_timesteps", None)
+    if n_timesteps is None:
+        raise TrainingError("number of timesteps must be given (-n or n_timesteps)")
+    params["n_timesteps"] = n_timesteps
+    return _Plan(params, {}, settings, int(n_timesteps), wrap_invalid=False)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -577,15 +611,8 @@ def _make_venv(spec: TrainSpec, plan: _Plan) -> VecEnv:
     return venv
 
 
-def train_one(spec: TrainSpec, callbacks: Sequence[BaseCallback] = ()) -> TrainResult:
-    """Train one seed and write its run folder under ``spec.log_folder``.
-
-    Every check runs before the folder is created, so bad input leaves nothing behind
-    and raises :class:`TrainingError`. ``callbacks`` (a progress bar, say) are added to
-    the evaluation callback; a Ray task passes none.
-    """
-    plan = check_spec(spec)
-    warnings: list[str] = []
+def _new_run_dir(spec: TrainSpec, plan: _Plan) -> Path:
+    """Create the run folder (a fresh name) and write its ``config.yml``."""
     root = Path(spec.log_folder)
     run_dir = root / run_folder_name(spec.env_id, spec.algo, spec.seed)
     suffix = 0
@@ -605,17 +632,41 @@ def train_one(spec: TrainSpec, callbacks: Sequence[BaseCallback] = ()) -> TrainR
         "command": spec.command,
     }
     (run_dir / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return run_dir
 
-    tensorboard_log: str | None = str(run_dir / "tb")
+
+def _tensorboard_dir(run_dir: Path, warnings: list[str]) -> str | None:
     if importlib.util.find_spec("tensorboard") is None:
-        tensorboard_log = None
         warnings.append(
             "tensorboard is not installed: no TensorBoard logs (pip install tensorboard)"
         )
+        return None
+    return str(run_dir / "tb")
+
+
+def train_one(
+    spec: TrainSpec,
+    callbacks: Sequence[BaseCallback] = (),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train one seed and write its run folder under ``spec.log_folder``.
+
+    Every check runs before the folder is created, so bad input leaves nothing behind
+    and raises :class:`TrainingError`. ``callbacks`` (a progress bar, say) are added to
+    the evaluation callback of SB3 runs; a Ray task passes none. Self-labeling runs call
+    ``on_progress(env_steps_done, env_steps_total)`` instead.
+    """
+    plan = check_spec(spec)
+    run_dir = _new_run_dir(spec, plan)
+    if spec.algo == SELF_LABELING:
+        return _train_self_labeling(spec, plan, run_dir, on_progress)
+    warnings: list[str] = []
+
+    tensorboard_log = _tensorboard_dir(run_dir, warnings)
     venv = _make_venv(spec, plan)
     eval_env = gym.make(spec.env_id, **spec.env_kwargs)
     try:
-        cls = ALGOS[spec.algo]
+        cls = algo_class(spec.algo)
         try:
             model = cls(
                 plan.run["policy"],
@@ -666,6 +717,100 @@ def train_one(spec: TrainSpec, callbacks: Sequence[BaseCallback] = ()) -> TrainR
         timesteps=int(model.num_timesteps),
         mean_return=float(row["mean_return"] or 0.0),
         mean_makespan=row["mean_makespan"],
+        warnings=warnings,
+    )
+
+
+#: Columns of a self-labeling run's ``evaluations.csv``: one row per validation.
+SELF_LABELING_COLUMNS = ("timesteps", "iteration", "validation", "best_validation")
+
+
+def _train_self_labeling(
+    spec: TrainSpec, plan: _Plan, run_dir: Path, on_progress: Callable[[int, int], None] | None
+) -> TrainResult:
+    """A self-labeling run: ``model.npz`` and the same ``policy.json`` contract as SB3's.
+
+    ``evaluations.csv`` records the validation score (mean greedy makespan over the lower
+    bound, on fixed random instances) each time it is measured; TensorBoard gets it too,
+    with the loss and the sampled makespans.
+    """
+    from autofab.agents.policies import self_labeling
+    from autofab.agents.policies.dispatcher import save_dispatcher
+
+    warnings: list[str] = []
+    settings = dict(plan.algo_kwargs)
+    tb_dir = _tensorboard_dir(run_dir, warnings)
+    writer: Any = None
+    if tb_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(tb_dir)
+    csv_path = run_dir / EVALUATIONS_FILE
+    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerow(SELF_LABELING_COLUMNS)
+
+    def on_iteration(stats: self_labeling.TrainStats) -> None:
+        if on_progress is not None:
+            on_progress(min(stats.env_steps, plan.n_timesteps), plan.n_timesteps)
+        if writer is not None:
+            writer.add_scalar("train/loss", stats.loss, stats.env_steps)
+            writer.add_scalar("train/best_sample_over_lb", stats.best_makespan, stats.env_steps)
+            writer.add_scalar("train/mean_sample_over_lb", stats.mean_makespan, stats.env_steps)
+        if stats.validation is not None:
+            row = [stats.env_steps, stats.iteration + 1, stats.validation, stats.best_validation]
+            with csv_path.open("a", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerow(row)
+            if writer is not None:
+                writer.add_scalar("eval/validation_over_lb", stats.validation, stats.env_steps)
+
+    try:
+        policy = self_labeling.train_self_labeling(
+            iterations=2**62,
+            samples=settings.get("samples", 64),
+            batch=settings.get("batch", 4),
+            sizes=[(int(j), int(m)) for j, m in settings["sizes"]],
+            hidden=settings.get("hidden", 64),
+            lr=settings.get("learning_rate", 5e-4),
+            imitation_instances=settings.get("imitation_instances", 20),
+            validation_instances_per_size=settings.get("validation_instances_per_size", 8),
+            validate_every=settings.get("validate_every", 25),
+            seed=spec.seed,
+            max_seconds=settings.get("max_seconds"),
+            max_env_steps=plan.n_timesteps,
+            on_iteration=on_iteration,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+    policy.meta["command"] = list(spec.command)
+    save_dispatcher(policy, run_dir / DISPATCHER_FILE)
+    observation, action = dispatcher_spaces()
+    steps = int(policy.meta["env_steps"])
+    write_policy_json(
+        run_dir,
+        algo=SELF_LABELING,
+        env_id=spec.env_id,
+        env_kwargs=spec.env_kwargs,
+        observation_space=observation,
+        action_space=action,
+        command=spec.command,
+        seed=spec.seed,
+        total_timesteps=steps,
+        normalized=False,
+    )
+    jobs, machines = settings["sizes"][-1]
+    eval_env = gym.make(spec.env_id, instance={"jobs": jobs, "machines": machines})
+    try:
+        seeds = [spec.seed + 10_000 + i for i in range(spec.eval_episodes)]
+        returns, makespans = evaluate_policy(policy, eval_env, seeds)
+    finally:
+        eval_env.close()
+    return TrainResult(
+        run_dir=str(run_dir),
+        seed=spec.seed,
+        timesteps=steps,
+        mean_return=float(np.mean(returns)),
+        mean_makespan=float(np.mean(makespans)) if makespans else None,
         warnings=warnings,
     )
 

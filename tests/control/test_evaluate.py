@@ -133,15 +133,9 @@ def test_bad_ray_options_are_exit_2(tmp_path, args, message):
     assert message in result.output
 
 
-def test_improve_and_a_self_labeling_policy(tmp_path):
-    from pathlib import Path
-
-    npz = (
-        Path(__file__).resolve().parents[2]
-        / "agents/policies/pretrained/jobshop_self_labeling_prototype.npz"
-    )
+def test_improve_and_the_shipped_dispatcher(tmp_path):
     result = invoke(
-        "--policy", str(npz), "--instances", "ft06", "--baselines", "mwkr",
+        "--policy", "default", "--instances", "ft06", "--baselines", "mwkr",
         "--time-limit", "1", "--improve", "1", "--no-ray", "--out", str(tmp_path),
     )  # fmt: skip
     assert result.exit_code == 0, result.output

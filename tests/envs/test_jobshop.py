@@ -18,7 +18,7 @@ from autofab.envs import (
     save_instance,
     validate_schedule,
 )
-from autofab.envs.jobshop import OBSERVATION_LAYOUT
+from autofab.envs.jobshop import N_JOB_BLOCKS, OBSERVATION_LAYOUT, observation_blocks
 
 ENV_ID = "autofab/JobShop-v0"
 RANDOM_SPEC = {"jobs": 6, "machines": 4}
@@ -52,13 +52,7 @@ def rollout(
 
 def block(obs: np.ndarray, name: str, n_jobs: int, n_machines: int) -> np.ndarray:
     """The named block of an observation, located through OBSERVATION_LAYOUT."""
-    sizes = {"job": n_jobs, "machine": n_machines, "plant": 1}
-    start = 0
-    for key, kind in OBSERVATION_LAYOUT:
-        if key == name:
-            return obs[start : start + sizes[kind]]
-        start += sizes[kind]
-    raise KeyError(name)
+    return observation_blocks(obs, n_jobs, n_machines)[name]
 
 
 # --------------------------------------------------------------------------- checkers
@@ -137,7 +131,7 @@ def test_observation_shape_is_fixed_and_inside_the_box(
     env = make(instance)
     space = env.observation_space
     assert isinstance(space, gym.spaces.Box)
-    assert space.shape == (6 * n_jobs + 2 * n_machines + 2,)
+    assert space.shape == (N_JOB_BLOCKS * n_jobs + 2 * n_machines + 2,)
     assert space.dtype == np.float32
     for seed in (0, 1):
         observations, _, _ = rollout(env, seed=seed, action_seed=seed)
@@ -162,6 +156,14 @@ def test_observation_blocks_say_what_the_layout_says() -> None:
     assert block(obs, "progress", 6, 6)[0] == 1
     np.testing.assert_array_equal(block(obs, "job_ops_left", 6, 6), np.zeros(6))
     np.testing.assert_array_equal(block(obs, "job_work_left", 6, 6), np.zeros(6))
+
+
+def test_layout_counts_its_blocks() -> None:
+    assert N_JOB_BLOCKS == sum(kind == "job" for _, kind in OBSERVATION_LAYOUT) == 6
+    with pytest.raises(ValueError, match="6 jobs and 6 machines give 50"):
+        observation_blocks(np.zeros(51, dtype=np.float32), 6, 6)
+    with pytest.raises(ValueError, match="6 jobs and 6 machines give 50"):
+        observation_blocks(np.zeros(74, dtype=np.float32), 6, 6)
 
 
 # --------------------------------------------------------------------------- actions

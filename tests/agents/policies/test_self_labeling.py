@@ -1,41 +1,75 @@
-"""Self-labeling dispatcher: features, a tiny training run, valid actions, save and load."""
+"""The learned dispatcher: features, a tiny self-labeling run, its file, and its loading."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
 import numpy as np
 import pytest
+import yaml
 
-from autofab.agents.policies.evaluation import evaluate
-from autofab.agents.policies.self_labeling import (
+import autofab.envs  # noqa: F401  (registers the env ids)
+from autofab.agents.policies import self_labeling
+from autofab.agents.policies.artifacts import PolicyLoadError, load_policy
+from autofab.agents.policies.dispatcher import (
+    DEFAULT_DISPATCHER,
     N_FEATURES,
-    SelfLabelingPolicy,
+    DispatcherLoadError,
+    DispatcherPolicy,
     job_features,
-    load,
-    save,
-    train_self_labeling,
+    load_dispatcher,
+    save_dispatcher,
 )
-from autofab.envs.jobshop import JobShopEnv
+from autofab.agents.policies.evaluation import evaluate
+from autofab.agents.policies.training import CONFIG_DIR, TrainingError, TrainSpec, train_one
+from autofab.envs.jobshop import (
+    N_JOB_BLOCKS,
+    OBSERVATION_LAYOUT,
+    JobShopEnv,
+    observation_blocks,
+)
+
+
+def _tiny_training(**changes: Any) -> DispatcherPolicy:
+    """Seconds of self-labeling on tiny instances, validating every iteration."""
+    settings: dict[str, Any] = {
+        "iterations": 2,
+        "samples": 3,
+        "batch": 2,
+        "sizes": [(4, 3)],
+        "imitation_instances": 1,
+        "validation_instances_per_size": 1,
+        "validate_every": 1,
+        "seed": 0,
+    }
+    return self_labeling.train_self_labeling(**{**settings, **changes})
 
 
 @pytest.fixture(scope="module")
-def policy() -> SelfLabelingPolicy:
-    return train_self_labeling(
-        iterations=1, samples=2, sizes=[(4, 3)], imitation_instances=1, seed=0
-    )
+def policy() -> DispatcherPolicy:
+    return _tiny_training()
 
 
-def test_features_follow_the_instance_size():
+def test_features_are_each_jobs_blocks_beside_pooled_context() -> None:
     env = JobShopEnv({"jobs": 5, "machines": 3})
     obs, _ = env.reset(seed=1)
     feats = job_features(obs, 5)
     assert feats.shape == (5, N_FEATURES)
-    np.testing.assert_array_equal(feats[:, 5], env.action_masks().astype(np.float32))
+    blocks = observation_blocks(obs, 5, 3)
+    np.testing.assert_array_equal(feats[:, 1], blocks["job_work_left"])
+    can_start = [n for n, kind in OBSERVATION_LAYOUT if kind == "job"].index("job_can_start")
+    np.testing.assert_array_equal(feats[:, can_start], env.action_masks().astype(np.float32))
+    np.testing.assert_allclose(feats[:, N_JOB_BLOCKS + 1], blocks["job_work_left"].mean())
     assert job_features(np.stack([obs, obs]), 5).shape == (2, 5, N_FEATURES)
 
 
-@pytest.mark.parametrize("instance", ["ft06", {"jobs": 7, "machines": 4}])
-def test_actions_are_valid_on_any_size(policy, instance):
-    env = JobShopEnv(instance)
+@pytest.mark.parametrize("instance", ["ft06", {"jobs": 7, "machines": 4}, "la21"])
+def test_actions_are_valid_on_any_size(policy: DispatcherPolicy, instance: object) -> None:
+    env = JobShopEnv(instance)  # type: ignore[arg-type]
     obs, _ = env.reset(seed=0)
     done = False
     while not done:
@@ -45,28 +79,168 @@ def test_actions_are_valid_on_any_size(policy, instance):
         obs, _, done, _, _ = env.step(action)
 
 
-def test_save_and_load_round_trip(policy, tmp_path):
-    path = save(policy, tmp_path / "slj.npz")
-    again = load(path)
+def test_training_records_what_it_did(policy: DispatcherPolicy) -> None:
+    meta = policy.meta
+    assert meta["algo"] == "self_labeling"
+    assert meta["iterations"] == 2
+    # Two iterations of two 4x3 instances, three samples each.
+    assert meta["env_steps"] == 2 * 2 * 3 * 12
+    assert meta["validation_makespan_over_lb"] >= 1.0
+
+
+def test_validation_keeps_the_best_weights() -> None:
+    """With validation on, the returned weights score best of everything it measured."""
+    seen: list[float] = []
+    trained = _tiny_training(
+        iterations=4,
+        batch=1,
+        sizes=[(5, 4)],
+        imitation_instances=0,
+        on_iteration=lambda s: seen.append(s.validation) if s.validation else None,
+    )
+    again = self_labeling.validation_score(trained, self_labeling.validation_instances(1))
+    assert again == pytest.approx(trained.meta["validation_makespan_over_lb"], abs=1e-4)
+    assert again <= min(seen) + 1e-4
+
+
+def test_save_and_load_round_trip(policy: DispatcherPolicy, tmp_path: Path) -> None:
+    path = save_dispatcher(policy, tmp_path / "d.npz")
+    again = load_dispatcher(path)
     env = JobShopEnv("ft06")
     obs, _ = env.reset(seed=0)
-    mask = env.action_masks()
-    feats = job_features(obs, len(mask))
+    feats = job_features(obs, 6)
     np.testing.assert_allclose(again.scores(feats), policy.scores(feats))
+    assert again.meta["env_steps"] == policy.meta["env_steps"]
 
 
-def test_load_refuses_other_files(tmp_path):
-    path = tmp_path / "x.npz"
-    np.savez(path, w0=np.zeros((2, 2)))
-    with pytest.raises(ValueError, match="not a self-labeling policy"):
-        load(path)
+def test_bad_files_are_refused_by_name(policy: DispatcherPolicy, tmp_path: Path) -> None:
+    with pytest.raises(DispatcherLoadError, match="does not exist"):
+        load_dispatcher(tmp_path / "missing.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip at all")
+    with pytest.raises(DispatcherLoadError, match="not a readable dispatcher"):
+        load_dispatcher(garbage)
+    other = tmp_path / "other.npz"
+    np.savez(other, w0=np.zeros((2, 2)))
+    with pytest.raises(DispatcherLoadError, match="found format None"):
+        load_dispatcher(other)
+    path = save_dispatcher(policy, tmp_path / "d.npz")
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays["layout"] = arrays["layout"][:-1]
+    np.savez(tmp_path / "old_layout.npz", **arrays)
+    with pytest.raises(DispatcherLoadError, match="another JobShop-v0 observation layout"):
+        load_dispatcher(tmp_path / "old_layout.npz")
+    arrays = dict(np.load(path))
+    arrays["w0"] = np.full_like(arrays["w0"], np.nan)
+    np.savez(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(DispatcherLoadError, match="non-finite"):
+        load_dispatcher(tmp_path / "nan.npz")
+    arrays = dict(np.load(path))
+    arrays["w0"] = arrays["w0"][:5]
+    np.savez(tmp_path / "shape.npz", **arrays)
+    with pytest.raises(DispatcherLoadError, match=f"maps {N_FEATURES} features"):
+        load_dispatcher(tmp_path / "shape.npz")
 
 
-def test_evaluate_runs_it_as_a_policy(policy):
+def test_the_one_loader_takes_npz_files_and_refuses_other_envs(
+    policy: DispatcherPolicy, tmp_path: Path
+) -> None:
+    path = save_dispatcher(policy, tmp_path / "d.npz")
+    env = JobShopEnv("ft06")
+    assert isinstance(load_policy(path, env), DispatcherPolicy)
+    factory = gym.make("autofab/Factory-v0")
+    with pytest.raises(PolicyLoadError, match="acts on autofab/JobShop-v0, found FactoryEnv"):
+        load_policy(path, factory)
+    with pytest.raises(PolicyLoadError, match="does not exist"):
+        load_policy(tmp_path / "nope.npz", env)
+
+
+def test_evaluate_runs_it_as_a_policy(policy: DispatcherPolicy) -> None:
     doc = evaluate(["ft06"], [], 1.0, policy=policy)
     assert doc["instances"]["ft06"]["methods"]["policy"]["makespan"] >= 55
 
 
-def test_bad_arguments_name_the_fault():
+def test_bad_arguments_name_the_fault() -> None:
     with pytest.raises(ValueError, match="samples=0"):
-        train_self_labeling(iterations=1, samples=0)
+        self_labeling.train_self_labeling(iterations=1, samples=0)
+    with pytest.raises(ValueError, match=r"lr=-1.*sizes=\[\]"):
+        self_labeling.train_self_labeling(iterations=1, lr=-1, sizes=[])
+
+
+# --------------------------------------------------------------------------- autofab train
+
+
+def _spec(tmp_path: Path, **changes: object) -> TrainSpec:
+    base: dict[str, object] = {
+        "algo": "self_labeling",
+        "env_id": "autofab/JobShop-v0",
+        "n_timesteps": 200,
+        "env_kwargs": {"instance": {"jobs": 4, "machines": 3}},
+        "hyperparams": {
+            "samples": 4,
+            "batch": 1,
+            "imitation_instances": 1,
+            "validation_instances_per_size": 1,
+            "validate_every": 2,
+        },
+        "eval_episodes": 1,
+        "log_folder": str(tmp_path / "runs"),
+        "command": ["autofab", "train", "--algo", "self_labeling"],
+    }
+    base.update(changes)
+    return TrainSpec(**base)  # type: ignore[arg-type]
+
+
+def test_a_self_labeling_run_leaves_a_loadable_run_folder(tmp_path: Path) -> None:
+    moves: list[tuple[int, int]] = []
+    result = train_one(_spec(tmp_path), on_progress=lambda done, total: moves.append((done, total)))
+    run = Path(result.run_dir)
+    assert run.name.startswith("autofab-JobShop-v0__self_labeling__0__")
+    assert {"config.yml", "model.npz", "policy.json", "evaluations.csv"} <= {
+        p.name for p in run.iterdir()
+    }
+    meta = json.loads((run / "policy.json").read_text())
+    assert meta["algo"] == "self_labeling"
+    assert meta["observation_space"]["layout"][0] == "job_next_op_time"
+    assert meta["command"] == ["autofab", "train", "--algo", "self_labeling"]
+    assert result.timesteps >= 200
+    assert moves[-1] == (200, 200)
+    rows = (run / "evaluations.csv").read_text().splitlines()
+    assert rows[0] == "timesteps,iteration,validation,best_validation"
+    assert len(rows) >= 2
+    assert result.mean_makespan is not None
+    loaded = load_policy(run, JobShopEnv("ta01"))  # any size
+    assert isinstance(loaded, DispatcherPolicy)
+    with pytest.raises(PolicyLoadError, match="acts on autofab/JobShop-v0"):
+        load_policy(run, gym.make("autofab/Factory-v0"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"env_kwargs": {"instance": "ta01"}}, "fresh random instances"),
+        ({"env_id": "autofab/Factory-v0"}, "--env must be autofab/JobShop-v0"),
+        ({"hyperparams": {"samples": 0}}, "samples=0: must be an integer >= 1"),
+        ({"hyperparams": {"gamma": 0.9}}, "no hyperparameter(s) ['gamma']"),
+        ({"hyperparams": {"sizes": [[3]]}}, "list of [jobs, machines] pairs"),
+    ],
+)
+def test_bad_self_labeling_input_is_refused_before_a_folder_exists(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TrainingError, match=re.escape(message)):
+        train_one(_spec(tmp_path, **changes))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_shipped_config_is_valid() -> None:
+    data = yaml.safe_load((CONFIG_DIR / "self_labeling.yml").read_text())
+    settings = self_labeling.check_hyperparams(data["autofab/JobShop-v0"])
+    assert settings["n_timesteps"] > 0
+
+
+def test_the_shipped_dispatcher_loads_and_fits_the_env() -> None:
+    shipped = load_policy(DEFAULT_DISPATCHER, JobShopEnv("ta01"))
+    assert isinstance(shipped, DispatcherPolicy)
+    assert shipped.meta["algo"] == "self_labeling"

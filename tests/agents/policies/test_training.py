@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 import autofab.envs  # noqa: F401  (registers the env ids)
-from autofab.agents.policies.artifacts import ALGOS, load_policy
+from autofab.agents.policies.artifacts import SB3_ALGOS, load_policy
 from autofab.agents.policies.training import (
     CONFIG_DIR,
     TrainingError,
@@ -129,7 +129,7 @@ def test_env_kwargs_must_be_a_json_object() -> None:
         parse_env_kwargs('["ft06"]')
 
 
-@pytest.mark.parametrize("algo", sorted(ALGOS))
+@pytest.mark.parametrize("algo", sorted(SB3_ALGOS))
 def test_shipped_configs_are_valid(algo: str) -> None:
     data = yaml.safe_load((CONFIG_DIR / f"{algo}.yml").read_text())
     assert "autofab/JobShop-v0" in data

@@ -1,0 +1,204 @@
+"""The learned job-shop dispatcher at run time: features, the scoring network, its file.
+
+A per-job MLP scores every job from the job's own observation blocks plus context pooled
+over all jobs and machines; the valid job with the highest score is dispatched. The same
+weights run on any instance size, because the network sees one job at a time and the
+instance size follows from the observation (:func:`~autofab.envs.jobshop.observation_blocks`).
+
+This module needs only numpy: deployment (``autofab evaluate``, the agents) does not need
+torch. Training lives in :mod:`autofab.agents.policies.self_labeling`.
+
+The weights file is a plain ``.npz`` (no pickle): the layers, a format version, the
+observation layout the policy was trained on (a policy is refused on an env whose layout
+differs) and a JSON string of provenance (how it was trained).
+
+>>> policy = load_dispatcher(DEFAULT_DISPATCHER)
+>>> job = policy(obs, env.action_masks())
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from autofab.envs.jobshop import (
+    N_JOB_BLOCKS,
+    N_MACHINE_BLOCKS,
+    OBSERVATION_LAYOUT,
+    observation_blocks,
+)
+
+__all__ = [
+    "DEFAULT_DISPATCHER",
+    "FORMAT_VERSION",
+    "N_FEATURES",
+    "DispatcherLoadError",
+    "DispatcherPolicy",
+    "job_features",
+    "layout_names",
+    "load_dispatcher",
+    "save_dispatcher",
+]
+
+#: Features per job: its own job blocks, their mean and max over jobs, the machine
+#: blocks' mean and max over machines, and the two plant entries.
+N_FEATURES = 3 * N_JOB_BLOCKS + 2 * N_MACHINE_BLOCKS + 2
+#: The ``.npz`` layout written by :func:`save_dispatcher`.
+FORMAT_VERSION = 2
+#: The dispatcher shipped with autofab (see ``pretrained/README.md`` for how it was made).
+DEFAULT_DISPATCHER = Path(__file__).resolve().parent / "pretrained" / "jobshop_dispatcher.npz"
+
+_JOB_BLOCKS = [name for name, kind in OBSERVATION_LAYOUT if kind == "job"]
+_MACHINE_BLOCKS = [name for name, kind in OBSERVATION_LAYOUT if kind == "machine"]
+_PLANT_BLOCKS = [name for name, kind in OBSERVATION_LAYOUT if kind == "plant"]
+
+
+class DispatcherLoadError(ValueError):
+    """A dispatcher file cannot be used; the message names the file and why."""
+
+
+def layout_names() -> list[str]:
+    """The observation blocks this autofab's ``JobShop-v0`` produces, in order."""
+    return [name for name, _ in OBSERVATION_LAYOUT]
+
+
+def job_features(obs: NDArray[np.float32], n_jobs: int) -> NDArray[np.float32]:
+    """``(n_jobs, N_FEATURES)``: each job's own blocks next to pooled context.
+
+    ``obs`` is one ``JobShop-v0`` observation ``(size,)`` or a batch ``(B, size)`` (then
+    the result is ``(B, n_jobs, N_FEATURES)``); the machine count follows from the size.
+    """
+    x = np.asarray(obs, dtype=np.float32)
+    single = x.ndim == 1
+    if single:
+        x = x[None]
+    n_machines = (x.shape[-1] - N_JOB_BLOCKS * n_jobs - len(_PLANT_BLOCKS)) // N_MACHINE_BLOCKS
+    blocks = observation_blocks(x, n_jobs, n_machines)
+    jobs = np.stack([blocks[name] for name in _JOB_BLOCKS], axis=1)  # (B, blocks, jobs)
+    machines = np.stack([blocks[name] for name in _MACHINE_BLOCKS], axis=1)
+    context = np.concatenate(
+        [
+            jobs.mean(axis=2),
+            jobs.max(axis=2),
+            machines.mean(axis=2),
+            machines.max(axis=2),
+            *(blocks[name] for name in _PLANT_BLOCKS),
+        ],
+        axis=1,
+    )
+    out = np.empty((x.shape[0], n_jobs, N_FEATURES), dtype=np.float32)
+    out[:, :, :N_JOB_BLOCKS] = jobs.transpose(0, 2, 1)
+    out[:, :, N_JOB_BLOCKS:] = context[:, None, :]
+    return out[0] if single else out
+
+
+class DispatcherPolicy:
+    """The scoring MLP as a callable ``policy(obs, mask) -> job``, in numpy.
+
+    Greedy: the valid job with the highest score (ties to the lowest index), which is
+    the :data:`~autofab.agents.policies.evaluation.PolicyFn` shape ``evaluate`` takes.
+    ``meta`` is the provenance stored with the weights.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[NDArray[np.float32], NDArray[np.float32]]],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``layers``: ``(weight (in, out), bias (out,))`` per layer, tanh between them."""
+        if not layers:
+            raise ValueError("a dispatcher needs at least one layer")
+        self.layers = [
+            (np.ascontiguousarray(w, dtype=np.float32), np.asarray(b, dtype=np.float32))
+            for w, b in layers
+        ]
+        if self.layers[0][0].shape[0] != N_FEATURES or self.layers[-1][0].shape[1] != 1:
+            raise ValueError(
+                f"a dispatcher maps {N_FEATURES} features to 1 score; these layers map "
+                f"{self.layers[0][0].shape[0]} to {self.layers[-1][0].shape[1]}"
+            )
+        for (w, b), (w_next, _) in zip(self.layers, self.layers[1:], strict=False):
+            if b.shape != (w.shape[1],) or w_next.shape[0] != w.shape[1]:
+                raise ValueError(f"layer shapes do not chain: {w.shape}, {b.shape}")
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    def scores(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Logits for ``(..., N_FEATURES)`` features."""
+        h = features
+        last = len(self.layers) - 1
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < last:
+                h = np.tanh(h)
+        return h[..., 0]
+
+    def __call__(self, obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> int:
+        mask = np.asarray(mask, dtype=bool)
+        logits = self.scores(job_features(obs, mask.shape[0]))
+        return int(np.argmax(np.where(mask, logits, -np.inf)))
+
+
+def save_dispatcher(
+    policy: DispatcherPolicy, path: str | Path, meta: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the weights, the observation layout and ``meta`` (JSON) to ``path``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {
+        "format_version": np.asarray(FORMAT_VERSION),
+        "layout": np.asarray(layout_names()),
+        "meta": np.asarray(json.dumps({**policy.meta, **(meta or {})}, sort_keys=True)),
+    }
+    for i, (w, b) in enumerate(policy.layers):
+        arrays[f"w{i}"] = w
+        arrays[f"b{i}"] = b
+    with out.open("wb") as fh:
+        np.savez(fh, **arrays)
+    return out
+
+
+def load_dispatcher(path: str | Path) -> DispatcherPolicy:
+    """Read a dispatcher written by :func:`save_dispatcher`.
+
+    Raises:
+        DispatcherLoadError: The file is missing, not an ``.npz``, of another format
+            version, made for another observation layout, or holds bad weights. The
+            message names the file and the fault.
+    """
+    where = repr(str(path))
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            files = set(data.files)
+            version = int(data["format_version"]) if "format_version" in files else None
+            if version != FORMAT_VERSION:
+                raise DispatcherLoadError(
+                    f"{where} is not a dispatcher of format {FORMAT_VERSION} "
+                    f"(found format {version})"
+                )
+            layout = [str(name) for name in data["layout"]]
+            meta = json.loads(str(data["meta"])) if "meta" in files else {}
+            n = sum(1 for key in files if key.startswith("w"))
+            layers = [(data[f"w{i}"], data[f"b{i}"]) for i in range(n)]
+    except DispatcherLoadError:
+        raise
+    except FileNotFoundError:
+        raise DispatcherLoadError(f"{where} does not exist") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise DispatcherLoadError(f"{where} is not a readable dispatcher file: {exc}") from None
+    if layout != layout_names():
+        raise DispatcherLoadError(
+            f"{where} was trained on another JobShop-v0 observation layout: the file has "
+            f"{layout}, this autofab's env has {layout_names()}"
+        )
+    if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in layers):
+        raise DispatcherLoadError(f"{where} holds non-finite weights")
+    try:
+        return DispatcherPolicy(layers, meta)
+    except ValueError as exc:
+        raise DispatcherLoadError(f"{where}: {exc}") from None
