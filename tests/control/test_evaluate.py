@@ -79,11 +79,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_policy_without_the_artifacts_module_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "autofab.agents.policies.artifacts", None)
-    result = invoke("--instances", "ft06", "--policy", str(tmp_path), "--out", str(tmp_path))
+def test_an_sb3_policy_without_the_rl_extra_is_a_clear_error(tmp_path, monkeypatch):
+    """Deployment without torch/SB3: a dispatcher .npz loads, an SB3 run names the extra."""
+    from autofab.agents.policies.artifacts import write_policy_json
+    from autofab.envs.jobshop import JobShopEnv
+
+    env = JobShopEnv("ft06")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_policy_json(
+        run, algo="maskable_ppo", env_id="autofab/JobShop-v0", env_kwargs={"instance": "ft06"},
+        observation_space=env.observation_space, action_space=env.action_space,
+        command=["autofab", "train"], seed=0, total_timesteps=1, normalized=False,
+    )  # fmt: skip
+    (run / "model.zip").write_bytes(b"PK")
+    monkeypatch.setitem(sys.modules, "sb3_contrib", None)
+    result = invoke("--instances", "ft06", "--policy", str(run), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2
-    assert "artifacts" in result.output
+    assert "needs the [rl] extra" in result.output
 
 
 def test_unwritable_out_folder_is_exit_2(tmp_path):

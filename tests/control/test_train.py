@@ -68,6 +68,28 @@ def test_train_writes_a_run_folder(tmp_path: Path) -> None:
     assert "policy_kwargs:{net_arch: [16, 16], activation_fn: relu}" in meta["command"]
 
 
+def test_train_self_labeling_writes_a_dispatcher_run(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "train", "--algo", "self_labeling", "--env", "autofab/JobShop-v0",
+            "--env-kwargs", '{"instance": {"jobs": 4, "machines": 3}}', "-n", "300",
+            "--eval-episodes", "1", "--hyperparams", "samples:4", "--hyperparams", "batch:1",
+            "--hyperparams", "learning_rate:1e-3", "--hyperparams", "imitation_instances:1",
+            "--hyperparams", "validation_instances_per_size:1", "-f", str(tmp_path),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("autofab-JobShop-v0__self_labeling__0__")
+    assert {"config.yml", "model.npz", "policy.json", "evaluations.csv"} <= {
+        p.name for p in folder.iterdir()
+    }
+    meta = json.loads((folder / "policy.json").read_text())
+    assert meta["algo"] == "self_labeling"
+    assert "learning_rate:1e-3" in meta["command"]
+
+
 def test_several_seeds_run_one_after_another_with_no_ray(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", *TINY, "--seeds", "0,1", "--no-ray", "-f", str(tmp_path)])
     assert result.exit_code == 0, result.output

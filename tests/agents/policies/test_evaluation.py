@@ -9,9 +9,10 @@ from autofab.agents.policies.evaluation import (
     MethodResult,
     evaluate,
     expand_instances,
+    load_instance_by_name,
     parse_methods,
 )
-from autofab.envs.instances import InstanceError
+from autofab.envs.instances import InstanceError, random_instance
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,8 @@ from autofab.envs.instances import InstanceError
         (" FT06 , la01-la02 ", ["ft06", "la01", "la02"]),
         ("ta01-ta02,ta02,ta01-ta03", ["ta01", "ta02", "ta03"]),
         ("ta05-ta05", ["ta05"]),
+        ("random:20x20:2,ft06", ["random-20x20-s0", "random-20x20-s1", "ft06"]),
+        ("random-30x20-s7,random:30x20:1", ["random-30x20-s7", "random-30x20-s0"]),
     ],
 )
 def test_expand_instances(text, expected):
@@ -41,11 +44,25 @@ def test_expand_instances(text, expected):
         ("nope", "unknown benchmark instance 'nope'"),
         ("ta79-ta81", "'ta81' in range 'ta79-ta81'.*ta01..ta80"),
         ("la1-la3", "'la1' in range 'la1-la3'"),
+        ("random:20x0:3", "'random:20x0:3' needs jobs, machines and count >= 1"),
     ],
 )
 def test_expand_instances_errors_name_the_token(text, match):
     with pytest.raises(InstanceError, match=match):
         expand_instances(text)
+
+
+def test_random_instances_are_seeded_and_compared_by_makespan():
+    inst = load_instance_by_name("random-6x4-s3")
+    assert inst.name == "random-6x4-s3"
+    assert inst.n_jobs == 6
+    assert inst.n_machines == 4
+    np.testing.assert_array_equal(inst.durations, random_instance(6, 4, 3).durations)
+    doc = evaluate(["random-6x4-s3"], ["mwkr"], 1.0)
+    entry = doc["instances"]["random-6x4-s3"]
+    assert entry["best_known"] is None
+    assert entry["methods"]["mwkr"]["gap"] is None
+    assert entry["methods"]["mwkr"]["makespan"] > 0
 
 
 def test_parse_methods():
