@@ -1,11 +1,13 @@
 """Training throughput: environment steps per second while SB3 trains on ``JobShop-v0``.
 
 The issue's yardstick is SB3 on CartPole ("about 3,700 steps/s here"), so the peer is
-exactly that, measured in the same run: PPO with SB3's defaults on ``CartPole-v1``. Ours is
-MaskablePPO (sb3-contrib) with the same defaults on ``autofab/JobShop-v0`` with random
-15x15 Taillard-style instances, the researchers' setting. Both train single-process with
-one env and one torch thread; only ``learn()`` is timed (construction is not). Steps/s
-therefore include the network updates, as a researcher experiences them.
+exactly that, measured in the same run: PPO with SB3's defaults on ``CartPole-v1``. Ours
+are MaskablePPO (sb3-contrib) with the same defaults on ``autofab/JobShop-v0`` with random
+15x15 Taillard-style instances, the researchers' setting, and the self-labeling trainer of
+the shipped dispatcher (``autofab train --algo self_labeling``, its shipped settings but
+15x15 instances only), which samples its schedules on the lockstep ``BatchJobShop``. All
+train single-process with one torch thread; only training is timed (construction is
+not). Steps/s therefore include the network updates, as a researcher experiences them.
 
     python benchmarks/training_speed.py                 # 3 repeats of 8192 steps each
     python benchmarks/training_speed.py --steps 20000 --repeats 5
@@ -29,6 +31,7 @@ import autofab.envs  # noqa: F401  (registers autofab/JobShop-v0)
 
 SIZE = {"jobs": 15, "machines": 15}
 OURS, PEER = "autofab JobShop-v0 (MaskablePPO)", "CartPole-v1 (PPO)"
+SELF_LABELING = "autofab JobShop-v0 (self-labeling)"
 
 
 def time_learn(make: Callable[[], object], steps: int) -> float:
@@ -37,6 +40,21 @@ def time_learn(make: Callable[[], object], steps: int) -> float:
     start = time.perf_counter()
     model.learn(steps)  # type: ignore[attr-defined]
     return steps / (time.perf_counter() - start)
+
+
+def time_self_labeling(steps: int) -> float:
+    """Environment steps per second of self-labeling training for about ``steps`` steps."""
+    from autofab.agents.policies.self_labeling import train_self_labeling
+
+    start = time.perf_counter()
+    policy = train_self_labeling(
+        iterations=10**9,
+        sizes=[(SIZE["jobs"], SIZE["machines"])],
+        imitation_instances=0,
+        validation_instances_per_size=0,
+        max_env_steps=steps,
+    )
+    return int(policy.meta["env_steps"]) / (time.perf_counter() - start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     print(header(environment_info("gymnasium", "stable-baselines3", "sb3-contrib", "torch")))
     print(
-        "ours: MaskablePPO('MlpPolicy', JobShop-v0 random 15x15), SB3 defaults; "
-        "peer: PPO('MlpPolicy', CartPole-v1), SB3 defaults; 1 env, 1 torch thread"
+        "ours: MaskablePPO('MlpPolicy', JobShop-v0 random 15x15), SB3 defaults, 1 env; "
+        "self-labeling (64 samples x 4 instances per step, 10x the steps); "
+        "peer: PPO('MlpPolicy', CartPole-v1), SB3 defaults, 1 env; 1 torch thread"
     )
 
     def ours() -> object:
@@ -60,23 +79,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     def peer() -> object:
         return PPO("MlpPolicy", gym.make("CartPole-v1"), seed=0, device="cpu")
 
-    rates: dict[str, list[float]] = {
-        "autofab JobShop-v0 (MaskablePPO)": [],
-        "CartPole-v1 (PPO)": [],
-    }
+    rates: dict[str, list[float]] = {OURS: [], SELF_LABELING: [], PEER: []}
     for _ in range(args.repeats):
-        # Alternate the two so that load on a shared machine hits both alike.
-        rates["CartPole-v1 (PPO)"].append(time_learn(peer, args.steps))
-        rates["autofab JobShop-v0 (MaskablePPO)"].append(time_learn(ours, args.steps))
-    ours_median = statistics.median(rates["autofab JobShop-v0 (MaskablePPO)"])
-    peer_median = statistics.median(rates["CartPole-v1 (PPO)"])
+        # Alternate them so that load on a shared machine hits all alike.
+        rates[PEER].append(time_learn(peer, args.steps))
+        rates[OURS].append(time_learn(ours, args.steps))
+        rates[SELF_LABELING].append(time_self_labeling(args.steps * 10))
+    ours_median = statistics.median(rates[OURS])
+    peer_median = statistics.median(rates[PEER])
     rows = [
         [name, spread(values), f"{statistics.median(values) / peer_median:.2f}x"]
         for name, values in rates.items()
     ]
     print(f"\ntraining steps/s, median [min-max] over {args.repeats} repeats of {args.steps} steps")
     print(markdown_table(["run", "steps/s", "ratio to CartPole"], rows, left=1))
-    print(f"ratio (ours / CartPole): {ours_median / peer_median:.2f}")
+    print(f"ratio (MaskablePPO on JobShop-v0 / CartPole): {ours_median / peer_median:.2f}")
+    self_labeling = statistics.median(rates[SELF_LABELING])
+    print(f"ratio (self-labeling on JobShop-v0 / CartPole): {self_labeling / peer_median:.2f}")
     return 0
 
 

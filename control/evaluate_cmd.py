@@ -106,6 +106,17 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            "--samples",
+            metavar="K",
+            help="Also report 'sampled': the best of K schedules built with the policy (a "
+            "dispatcher .npz or self-labeling run), greedy one included; its schedule also "
+            "seeds --improve.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         Path,
         typer.Option(
@@ -168,6 +179,8 @@ def evaluate(
         if cpus_per_task is not None and cpus_per_task < 1:
             raise ValueError(f"--cpus-per-task must be at least 1, got {cpus_per_task}")
         policies = _load_policies(policy, names) if policy is not None else None
+        if samples is not None:
+            _check_samples(samples, policies)
 
     parallel = _parallel(use_ray, ray_address, names, methods)
     if parallel and not ray_available():
@@ -181,7 +194,7 @@ def evaluate(
         )
     workers = cpus_per_task or max(1, available_cpus() // min(len(names), available_cpus()))
 
-    n_methods = len(methods) + (policies is not None)
+    n_methods = len(methods) + (policies is not None) + (samples is not None)
     best: dict[str, MethodResult] = {}
     with Progress(
         TextColumn("evaluating {task.fields[current]}"),
@@ -211,6 +224,7 @@ def evaluate(
                     workers,
                     ray_address,
                     on_result,
+                    samples,
                 )
             else:
                 doc = evaluation.evaluate(
@@ -220,6 +234,7 @@ def evaluate(
                     improve_s=improve,
                     policy_factory=None if policies is None else _factory(policies),
                     on_result=on_result,
+                    samples=samples,
                 )
         except (ScheduleError, InvalidActionError) as exc:
             fail(
@@ -276,6 +291,7 @@ class InstanceJob:
     workers: int
     policy_run: str | None = None
     improve_s: float | None = None
+    samples: int | None = None
 
 
 def evaluate_instance(job: InstanceJob) -> tuple[dict[str, Any], list[MethodResult]]:
@@ -306,6 +322,7 @@ def evaluate_instance(job: InstanceJob) -> tuple[dict[str, Any], list[MethodResu
         policy_factory=factory,
         workers=job.workers,
         on_result=results.append,
+        samples=job.samples,
     )
     return doc, results
 
@@ -350,6 +367,7 @@ def _evaluate_with_ray(
     workers: int,
     ray_address: str | None,
     on_result: Callable[[MethodResult], None],
+    samples: int | None = None,
 ) -> dict[str, Any]:
     """Every instance as its own Ray task with ``workers`` CPUs; the merged document.
 
@@ -358,7 +376,10 @@ def _evaluate_with_ray(
     CP-SAT actually ran.
     """
     run = None if policy is None else str(resolve_policy_path(policy).resolve())
-    jobs = [InstanceJob(n, tuple(methods), time_limit, workers, run, improve_s) for n in names]
+    jobs = [
+        InstanceJob(n, tuple(methods), time_limit, workers, run, improve_s, samples)
+        for n in names
+    ]
 
     def done(index: int, value: tuple[dict[str, Any], list[MethodResult]]) -> None:
         for result in value[1]:
@@ -405,6 +426,22 @@ def load_any_policy(path: Path, env: JobShopEnv) -> PolicyFn:
     from autofab.agents.policies.artifacts import load_policy
 
     return load_policy(resolve_policy_path(path), env)
+
+
+def _check_samples(samples: int, policies: Mapping[str, PolicyFn] | None) -> None:
+    """``--samples`` needs a dispatcher (its scores) and classic instances."""
+    from autofab.agents.policies.dispatcher import DispatcherPolicy
+
+    if samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {samples}")
+    if policies is None:
+        raise ValueError("--samples samples schedules from a policy; give --policy too")
+    for name, loaded in policies.items():
+        if not isinstance(loaded, DispatcherPolicy):
+            raise ValueError(
+                f"--samples needs a self-labeling dispatcher (--policy default, a .npz or a "
+                f"self_labeling run); {name}'s policy is a {type(loaded).__name__}"
+            )
 
 
 def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:

@@ -20,11 +20,14 @@ step. Only classic shops (one machine per operation) are supported.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
 from autofab.envs.instances import Instance
 from autofab.envs.jobshop import OBSERVATION_LAYOUT, observation_scale
+from autofab.envs.model import schedule_table
 
 __all__ = ["BatchJobShop"]
 
@@ -78,6 +81,8 @@ class BatchJobShop:
         self._free[:, n_machines] = np.inf
         load = np.bincount(self._machine[:-1], weights=self._duration[:-1], minlength=n_machines)
         self._machine_work = np.tile(np.append(load, 0.0), (k, 1))
+        #: Start time of every operation per copy (NaN until started; one sentinel column).
+        self._start = np.full((k, inst.n_ops + 1), np.nan)
         self._decide()
 
     def _decide(self) -> None:
@@ -127,6 +132,7 @@ class BatchJobShop:
         machine = self._job_machine[rows, jobs]
         duration = self._duration[op]
         end = self.now + duration
+        self._start[rows, op] = self.now
         self._ready[rows, jobs] = end
         self._free[rows, machine] = end
         self._work[rows, jobs] -= duration
@@ -140,3 +146,10 @@ class BatchJobShop:
         self.n_started += 1
         if not self.done:
             self._decide()
+
+    def schedule(self, copy: int) -> list[dict[str, Any]]:
+        """Copy ``copy``'s operations started so far, in :class:`JobShopEnv`'s format."""
+        n_ops = self.instance.n_ops
+        start = self._start[copy, :n_ops]
+        machine = np.where(np.isnan(start), -1, self._machine[:n_ops])
+        return schedule_table(self.instance, machine, start, start + self._duration[:n_ops])

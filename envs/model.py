@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from autofab.envs.instances import Instance
 
-__all__ = ["InvalidActionError", "PlantModel"]
+__all__ = ["InvalidActionError", "PlantModel", "schedule_table"]
 
 _INF = float("inf")
 
@@ -362,18 +362,28 @@ class PlantModel:
 
     def schedule(self) -> list[dict[str, Any]]:
         """The operations started so far: job, index in its route, machine, start, end."""
-        inst = self.instance
-        ops = np.flatnonzero(self.op_machine >= 0)
-        ops = ops[np.lexsort((ops, self.op_start[ops]))]
-        columns = (
-            inst.op_job[ops].tolist(),
-            inst.op_index[ops].tolist(),
-            self.op_machine[ops].tolist(),
-            [_num(x) for x in self.op_start[ops].tolist()],
-            [_num(x) for x in self.op_end[ops].tolist()],
-        )
-        keys = ("job", "index", "machine", "start", "end")
-        return [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
+        return schedule_table(self.instance, self.op_machine, self.op_start, self.op_end)
+
+
+def schedule_table(
+    instance: Instance,
+    op_machine: NDArray[np.int64],
+    op_start: NDArray[np.float64],
+    op_end: NDArray[np.float64],
+) -> list[dict[str, Any]]:
+    """Per-operation arrays (machine -1 = not started) as the schedule rows every tool
+    reads: ``{job, index, machine, start, end}`` in order of start time."""
+    ops = np.flatnonzero(op_machine >= 0)
+    ops = ops[np.lexsort((ops, op_start[ops]))]
+    columns = (
+        instance.op_job[ops].tolist(),
+        instance.op_index[ops].tolist(),
+        op_machine[ops].tolist(),
+        [_num(x) for x in op_start[ops].tolist()],
+        [_num(x) for x in op_end[ops].tolist()],
+    )
+    keys = ("job", "index", "machine", "start", "end")
+    return [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
 
 
 def _num(x: float) -> int | float:

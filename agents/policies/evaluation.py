@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from autofab.agents.policies.cpsat import RANDOM_SEED, CpSatError, available_cpus, solve_cpsat
+from autofab.agents.policies.dispatcher import DispatcherPolicy, sample_schedule
 from autofab.envs.instances import (
     Instance,
     InstanceError,
@@ -48,6 +49,7 @@ __all__ = [
     "CPSAT",
     "IMPROVE",
     "POLICY",
+    "SAMPLED",
     "MethodResult",
     "PolicyFn",
     "evaluate",
@@ -57,6 +59,7 @@ __all__ = [
     "mean_gaps",
     "parse_methods",
     "run_policy",
+    "run_sampled",
 ]
 
 #: Method name of the CP-SAT reference solver.
@@ -65,6 +68,8 @@ CPSAT = "cpsat"
 IMPROVE = "improve"
 #: Method name under which the evaluated policy is reported.
 POLICY = "policy"
+#: Method name of the best of several schedules sampled from the policy.
+SAMPLED = "sampled"
 #: Seed the environments are reset with (JobShop-v0 on a fixed instance is deterministic).
 EPISODE_SEED = 0
 
@@ -212,6 +217,9 @@ class MethodResult:
     #: For ``improve``: the method whose schedule seeded the search, and its makespan.
     seed: str | None = None
     seed_makespan: float | None = None
+    #: For ``sampled``: schedules built, and p99 of one lockstep step of all of them, ms.
+    samples: int | None = None
+    step_ms_p99: float | None = None
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -225,6 +233,9 @@ class MethodResult:
         if self.seed is not None:
             out["seed"] = self.seed
             out["seed_makespan"] = self.seed_makespan
+        if self.samples is not None:
+            out["samples"] = self.samples
+            out["step_ms_p99"] = self.step_ms_p99
         return out
 
 
@@ -292,6 +303,33 @@ def _episode_result(
     )
 
 
+def run_sampled(instance: Instance, policy: PolicyFn, samples: int) -> MethodResult:
+    """The best of ``samples`` schedules of a dispatcher (greedy one included).
+
+    Raises:
+        ValueError: ``policy`` is not a :class:`DispatcherPolicy` (sampling needs its
+            scores), or the instance is flexible.
+    """
+    if not isinstance(policy, DispatcherPolicy):
+        raise ValueError(
+            f"sampling needs a self-labeling dispatcher (its job scores); got "
+            f"{type(policy).__name__}"
+        )
+    result = sample_schedule(policy, instance, samples, seed=EPISODE_SEED)
+    validate_schedule(instance, result.schedule)
+    return MethodResult(
+        instance=instance.name,
+        method=SAMPLED,
+        makespan=result.makespan,
+        gap=_gap(result.makespan, instance),
+        seconds=result.seconds,
+        decision_ms_p99=None,
+        schedule=result.schedule,
+        samples=samples,
+        step_ms_p99=result.step_ms_p99,
+    )
+
+
 def _run_cpsat(instance: Instance, time_limit_s: float, workers: int) -> MethodResult:
     result = solve_cpsat(instance, time_limit_s, workers=workers)
     return MethodResult(
@@ -356,6 +394,7 @@ def evaluate(
     workers: int | None = None,
     on_result: Callable[[MethodResult], None] | None = None,
     improve_s: float | None = None,
+    samples: int | None = None,
 ) -> dict[str, Any]:
     """Run ``policy`` (if any) and every method on every instance; the results document.
 
@@ -375,7 +414,9 @@ def evaluate(
         improve_s: Run ``"improve"`` with this CP-SAT budget per instance (adds it to
             ``methods`` if missing). Default: ``time_limit_s`` when ``"improve"`` is in
             ``methods``, so it has the same budget as ``"cpsat"``. Its seeds are the
-            policy's schedule and every rule's, listed or not.
+            policy's schedule (and the sampled one) and every rule's, listed or not.
+        samples: Also run ``"sampled"``: the best of this many schedules of the policy,
+            which must be a :class:`DispatcherPolicy` (greedy one included).
 
     Returns:
         ``{"settings": ..., "instances": {name: {"best_known", "optimal", "methods"}},
@@ -403,7 +444,10 @@ def evaluate(
         def make_policy(env: JobShopEnv, fn: PolicyFn = policy) -> PolicyFn:
             return fn
 
-    names = [POLICY, *methods] if make_policy is not None else list(methods)
+    if samples is not None and (make_policy is None or samples < 1):
+        raise ValueError(f"samples needs a dispatcher policy and a count >= 1, got {samples}")
+    policy_methods = [POLICY] + ([SAMPLED] if samples is not None else [])
+    names = [*policy_methods, *methods] if make_policy is not None else list(methods)
     loaded = [load_instance_by_name(name) for name in dict.fromkeys(instances)]
     doc: dict[str, Any] = {
         "settings": {
@@ -414,20 +458,25 @@ def evaluate(
             "cpsat_random_seed": RANDOM_SEED,
             "episode_seed": EPISODE_SEED,
             "methods": names,
+            "samples": samples,
         },
         "instances": {},
     }
     for inst in loaded:
         results: dict[str, Any] = {}
         done: dict[str, MethodResult] = {}
+        acting: PolicyFn | None = None
         for method in names:
             if method == POLICY and make_policy is not None:
                 env = JobShopEnv(inst)
-                result = run_policy(inst, make_policy(env), env=env)
+                acting = make_policy(env)
+                result = run_policy(inst, acting, env=env)
+            elif method == SAMPLED and acting is not None and samples is not None:
+                result = run_sampled(inst, acting, samples)
             elif method == CPSAT:
                 result = _run_cpsat(inst, time_limit_s, n_workers)
             elif method == IMPROVE:
-                seeds = [done[POLICY]] if POLICY in done else []
+                seeds = [done[m] for m in policy_methods if m in done]
                 seeds += [done[r] if r in done else _run_rule(inst, r) for r in RULES]
                 result = improve_schedule(inst, seeds, improve_limit, n_workers)
             else:

@@ -30,8 +30,16 @@ import torch as th
 from numpy.typing import NDArray
 from torch import nn
 
-from autofab.agents.policies.dispatcher import N_FEATURES, DispatcherPolicy, job_features
-from autofab.envs.batch import BatchJobShop
+from autofab.agents.policies.dispatcher import (
+    N_FEATURES,
+    DispatcherPolicy,
+    Picker,
+    Rollout,
+    greedy_picker,
+    job_features,
+    rollout,
+    sampling_picker,
+)
 from autofab.envs.instances import Instance, random_instance
 from autofab.envs.jobshop import observation_blocks
 
@@ -97,57 +105,6 @@ class TrainStats:
     best_validation: float
 
 
-@dataclass
-class _Rollout:
-    obs: NDArray[np.float32]  # (k, n_ops, size)
-    masks: NDArray[np.bool_]  # (k, n_ops, n_jobs)
-    actions: NDArray[np.int64]  # (k, n_ops)
-    makespans: NDArray[np.float64]  # (k,)
-
-
-Picker = Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.int64]]
-
-
-def _rollout(instance: Instance, copies: int, pick: Picker) -> _Rollout:
-    """Run ``copies`` schedules of ``instance`` in lockstep, choosing with ``pick``."""
-    sim = BatchJobShop(instance, copies)
-    n_ops, n_jobs = instance.n_ops, instance.n_jobs
-    obs = np.empty((copies, n_ops, 0), dtype=np.float32)
-    masks = np.empty((copies, n_ops, n_jobs), dtype=bool)
-    actions = np.empty((copies, n_ops), dtype=np.int64)
-    for t in range(n_ops):
-        x = sim.observe()
-        if t == 0:
-            obs = np.empty((copies, n_ops, x.shape[1]), dtype=np.float32)
-        obs[:, t] = x
-        masks[:, t] = sim.mask
-        actions[:, t] = pick(x, sim.mask)
-        sim.step(actions[:, t])
-    return _Rollout(obs, masks, actions, sim.makespan.copy())
-
-
-def _sampler(policy: DispatcherPolicy, n_jobs: int, rng: np.random.Generator) -> Picker:
-    """Sample each copy's job from the policy's softmax over valid jobs."""
-
-    def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
-        logits = np.where(mask, policy.scores(job_features(obs, n_jobs)), -np.inf)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        u = rng.random((p.shape[0], 1))
-        return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), n_jobs - 1)
-
-    return pick
-
-
-def _greedy(policy: DispatcherPolicy, n_jobs: int) -> Picker:
-    def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
-        logits = policy.scores(job_features(obs, n_jobs))
-        return np.argmax(np.where(mask, logits, -np.inf), axis=1)
-
-    return pick
-
-
 def _mwkr(n_jobs: int, n_machines: int) -> Picker:
     """Most work remaining, read from the observation (the imitation warm start)."""
 
@@ -158,8 +115,10 @@ def _mwkr(n_jobs: int, n_machines: int) -> Picker:
     return pick
 
 
-def _loss(module: _Scorer, run: _Rollout, which: int, n_jobs: int) -> th.Tensor:
+def _loss(module: _Scorer, run: Rollout, which: int, n_jobs: int) -> th.Tensor:
     """Cross-entropy of schedule ``which``'s decisions under the masked softmax."""
+    if run.obs is None or run.masks is None or run.actions is None:
+        raise ValueError("training needs a recorded rollout (rollout(..., record=True))")
     feats = job_features(run.obs[which], n_jobs)
     logits = module(th.from_numpy(feats)).masked_fill(~th.from_numpy(run.masks[which]), -1e9)
     return nn.functional.cross_entropy(logits, th.from_numpy(run.actions[which]))
@@ -178,7 +137,7 @@ def validation_instances(per_size: int) -> list[Instance]:
 def validation_score(policy: DispatcherPolicy, instances: Sequence[Instance]) -> float:
     """Mean greedy makespan over the instance's lower bound (lower is better, >= 1)."""
     ratios = [
-        _rollout(inst, 1, _greedy(policy, inst.n_jobs)).makespans[0] / _lower_bound(inst)
+        rollout(inst, 1, greedy_picker(policy, inst.n_jobs)).makespans[0] / _lower_bound(inst)
         for inst in instances
     ]
     return float(np.mean(ratios))
@@ -261,7 +220,7 @@ def train_self_labeling(
 
     for _ in range(imitation_instances):
         inst = draw()
-        run = _rollout(inst, 1, _mwkr(inst.n_jobs, inst.n_machines))
+        run = rollout(inst, 1, _mwkr(inst.n_jobs, inst.n_machines), record=True)
         for _ in range(4):
             optimizer.zero_grad()
             _loss(module, run, 0, inst.n_jobs).backward()
@@ -283,7 +242,7 @@ def train_self_labeling(
         loss_sum, best_sum, mean_sum = 0.0, 0.0, 0.0
         for _ in range(batch):
             inst = draw()
-            run = _rollout(inst, samples, _sampler(actor, inst.n_jobs, rng))
+            run = rollout(inst, samples, sampling_picker(actor, inst.n_jobs, rng), record=True)
             label = int(np.argmin(run.makespans))
             loss = _loss(module, run, label, inst.n_jobs) / batch
             loss.backward()

@@ -163,3 +163,32 @@ def test_improve_must_be_positive(tmp_path):
     result = invoke("--instances", "ft06", "--improve", "0", "--out", str(tmp_path))
     assert result.exit_code == 2
     assert "--improve" in result.output
+
+
+def test_samples_report_the_best_of_k_and_seed_improve(tmp_path):
+    result = invoke(
+        "--policy", "default", "--instances", "ft06,la01", "--baselines", "mwkr",
+        "--samples", "16", "--improve", "1", "--no-ray", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["settings"]["samples"] == 16
+    for entry in doc["instances"].values():
+        methods = entry["methods"]
+        assert set(methods) == {"policy", "sampled", "mwkr", "improve"}
+        assert methods["sampled"]["samples"] == 16
+        assert methods["sampled"]["makespan"] <= methods["policy"]["makespan"]
+        assert methods["improve"]["makespan"] <= methods["sampled"]["makespan"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--samples", "4"], "give --policy too"),
+        (["--samples", "0", "--policy", "default"], "--samples must be at least 1"),
+    ],
+)
+def test_bad_samples_are_exit_2(tmp_path, args, message):
+    result = invoke("--instances", "ft06", *args, "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert message in result.output

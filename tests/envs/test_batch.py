@@ -34,6 +34,8 @@ def test_every_copy_matches_its_own_environment(instance: Any) -> None:
         infos = [s[4] for s in steps]
     assert all(s[2] for s in steps)
     np.testing.assert_allclose(sim.makespan, [info["makespan"] for info in infos])
+    for i, info in enumerate(infos):
+        assert sim.schedule(i) == info["schedule"]
 
 
 def test_reset_starts_over() -> None:

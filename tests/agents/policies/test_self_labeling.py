@@ -244,3 +244,28 @@ def test_the_shipped_dispatcher_loads_and_fits_the_env() -> None:
     shipped = load_policy(DEFAULT_DISPATCHER, JobShopEnv("ta01"))
     assert isinstance(shipped, DispatcherPolicy)
     assert shipped.meta["algo"] == "self_labeling"
+
+
+def test_sampling_keeps_the_best_schedule_and_never_loses_to_greedy(
+    policy: DispatcherPolicy,
+) -> None:
+    from autofab.agents.policies.dispatcher import sample_schedule
+    from autofab.envs.instances import load_instance
+    from autofab.envs.validate import validate_schedule
+
+    inst = load_instance("la01")
+    env = JobShopEnv(inst)
+    obs, _ = env.reset(seed=0)
+    done, info = False, {}
+    while not done:
+        obs, _, done, _, info = env.step(policy(obs, env.action_masks()))
+    one = sample_schedule(policy, inst, 1)
+    assert one.makespan == info["makespan"]
+    assert one.schedule == info["schedule"]
+    many = sample_schedule(policy, inst, 32, seed=3)
+    validate_schedule(inst, many.schedule)
+    assert many.makespan <= one.makespan
+    assert max(row["end"] for row in many.schedule) == many.makespan
+    assert many.step_ms_p99 > 0
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        sample_schedule(policy, inst, 0)
