@@ -3,8 +3,9 @@
 An agent never touches NATS, asyncio or Ray. The runtime (``control/bus.py`` over NATS,
 or a plain loop in a test) calls it and delivers what it returns:
 
-* :meth:`Agent.handle` takes one decoded message, the subject it came on and the time
-  ``now``, and returns the messages to send (:class:`Outgoing`);
+* :meth:`Agent.handle` takes one decoded message, the subject it came on, the time
+  ``now`` and, for a request, the subject to reply on, and returns the messages to send
+  (:class:`Outgoing`; a reply is simply an ``Outgoing`` to ``reply_to``);
 * :meth:`Agent.on_timer` is called once ``now.wall`` reaches :meth:`Agent.next_timer`
   (a bid deadline, a request timeout, a reorder check), and returns messages too;
 * :meth:`Agent.subscriptions` says which subjects to deliver, and with which queue group
@@ -81,9 +82,12 @@ class Agent(ABC):
         """The subjects this agent must receive."""
 
     @abstractmethod
-    def handle(self, subject: str, message: MessageBase, now: Now) -> list[Outgoing]:
-        """React to one message; return what to send. Must not raise on any valid message
-        (a message that makes no sense now, e.g. a late bid, is ignored and counted)."""
+    def handle(
+        self, subject: str, message: MessageBase, now: Now, reply_to: str | None = None
+    ) -> list[Outgoing]:
+        """React to one message; return what to send. ``reply_to`` is set when the sender
+        waits for an answer (NATS request/reply). Must not raise on any valid message (a
+        message that makes no sense now, e.g. a late bid, is ignored and counted)."""
 
     def next_timer(self) -> float | None:
         """Wall time at which :meth:`on_timer` wants to run next, or None for no timer."""
