@@ -69,7 +69,8 @@ def evaluate(
         typer.Option(
             "--instances",
             "-i",
-            help="Benchmark names and ranges within one family, e.g. ta01-ta10,ft10.",
+            help="Benchmark names and ranges within one family, e.g. ta01-ta10,ft10; "
+            "random:20x20:5 adds five seeded random 20x20 instances (random-20x20-s0..s4).",
             show_default=False,
         ),
     ],
