@@ -36,6 +36,7 @@ from autofab.agents.policies.evaluation import (
     CPSAT,
     IMPROVE,
     POLICY,
+    SAMPLED,
     MethodResult,
     PolicyFn,
     evaluate,
@@ -114,8 +115,13 @@ def report(doc: dict[str, Any]) -> str:
     latency = [
         [m, f"{max(e['methods'][m]['decision_ms_p99'] for e in doc['instances'].values()):.3f}"]
         for m in methods
-        if m not in (CPSAT, IMPROVE)
+        if m not in (CPSAT, IMPROVE, SAMPLED)
     ]
+    if SAMPLED in methods:
+        step = max(e["methods"][SAMPLED]["step_ms_p99"] for e in doc["instances"].values())
+        seconds = max(e["methods"][SAMPLED]["seconds"] for e in doc["instances"].values())
+        latency.append([f"{SAMPLED} (one step of all samples)", f"{step:.3f}"])
+        latency.append([f"{SAMPLED} (whole schedule, s, worst instance)", f"{seconds:.3f}"])
     lines = [
         "gap to best known, % (lower is better); makespan where no best is known",
         table,
@@ -154,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="default",
         help="'default' (the shipped dispatcher), a run folder, a dispatcher .npz, or 'none'",
     )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=64,
+        help="also the best of K schedules sampled from the policy (0: not run)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
     if not args.time_limit > 0:
@@ -168,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = environment_info("ortools", "torch")
     print(header(info), flush=True)
     methods = [*RULES, CPSAT, IMPROVE]
-    n_methods = len(methods) + (factory is not None)
+    samples = args.samples if factory is not None and args.samples > 0 else None
+    n_methods = len(methods) + (factory is not None) + (samples is not None)
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("evaluating", total=len(names) * n_methods)
 
@@ -183,12 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             on_result=advance,
             improve_s=args.improve,
+            samples=samples,
         )
     settings = doc["settings"]
     print(
         f"cpsat: {settings['time_limit_s']:g} s, improve: {settings['improve_s']:g} s, "
         f"{settings['cpsat_workers']} workers, seed {settings['cpsat_random_seed']}"
         + ("" if args.policy is None else f"; policy ({POLICY}): {args.policy}")
+        + ("" if samples is None else f"; sampled: best of {samples} policy schedules")
     )
     print(report(doc))
     write_report(args.json, {"environment": info, **doc})
