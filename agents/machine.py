@@ -1,0 +1,673 @@
+"""Machine agents: bid for operations, get material and power, ask the supervisor to run.
+
+A :class:`MachineAgent` speaks for one machine; a :class:`MachineHost` speaks for many in
+one handler and answers each call for proposals with one :class:`ProposalBatch`, which is
+how a round with 100 bidders stays within a few milliseconds.
+
+Life of an awarded operation
+----------------------------
+1. A call arrives; the :class:`~autofab.agents.bidding.BiddingPolicy` prices it from the
+   machine's queue, speed and estimated health. The call is kept until it is awarded,
+   rejected, or ``award_wait_seconds`` after its deadline.
+2. :class:`Accept` puts the operation at the end of the queue. Only the head of the queue
+   asks for resources, one at a time, so nothing is hoarded: first material
+   (:class:`MaterialReserve`, when the operation needs any), then power
+   (:class:`PowerRequest`). A deny or shortage retries at the plant time the other agent
+   named (``retry_at``, ``available_at``), or after ``retry_seconds``; a request with no
+   reply is asked again after ``request_timeout_seconds`` under a new id.
+3. With both in hand the agent sends :class:`SetpointRequest` ``speed_setpoint`` and then
+   ``run`` = 1 to the safety supervisor, with a TTL. It never writes to the plant.
+4. Completion comes from the plant: the runtime (or the test world,
+   :class:`autofab.agents.scenario.PlantWorld`) calls :meth:`MachineAgent.operation_finished`
+   when the plant reports the operation done. The agent then sends :class:`InformDone`,
+   releases the power, sends ``run`` = 0 and starts on the next operation. A breakdown is
+   :meth:`MachineAgent.breakdown` (or a :class:`Telemetry` with status ``"down"``): every
+   operation in the queue is answered with :class:`Failure`, so the scheduler announces
+   them again, and the resources are released (material only if the operation had not
+   started, since a started one consumed it).
+5. :class:`Reject` for an operation already in the queue withdraws the award (the
+   scheduler gave up waiting for it): the agent drops it, stopping it if it runs.
+
+Anything that does not fit this story (a grant for a request it no longer waits on, a
+second Accept for a round) is answered safely (the grant is released) and counted in
+:attr:`MachineAgent.ignored`.
+
+Health
+------
+The agent keeps its own health estimate: it starts at ``health`` and falls by the plant's
+wear law for every operation it completes; a repair restores it. :meth:`set_health` lets a
+predictive-maintenance monitor replace it. A :class:`HealthReport` goes out every
+``health_interval_seconds`` (wall time) and whenever the breakdown probability moves by
+``report_delta`` or the machine goes down or comes back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from autofab.agents.base import Agent, Now, Outgoing, Subscription
+from autofab.agents.bidding import BidContext, BiddingPolicy, MachineSpec, RuleBasedBidding
+from autofab.agents.energy import Tariff, bounded_add, plant_to_wall
+from autofab.agents.protocol import (
+    Accept,
+    Bid,
+    CallForProposals,
+    Failure,
+    HealthReport,
+    InformDone,
+    MaterialRelease,
+    MaterialReserve,
+    MaterialReserved,
+    MaterialUnavailable,
+    MessageBase,
+    PowerDeny,
+    PowerGrant,
+    PowerRelease,
+    PowerRequest,
+    Proposal,
+    ProposalBatch,
+    Reject,
+    SetpointRequest,
+    Subjects,
+    Telemetry,
+)
+from autofab.envs.plant import PlantConfig, compile_plant
+
+__all__ = ["MachineAgent", "MachineHost", "Task"]
+
+
+@dataclass
+class Task:
+    """An awarded operation in a machine's queue, and where it stands."""
+
+    round_id: str
+    job: str
+    op: int
+    processing_seconds: float
+    load: float
+    material: str | None
+    quantity: float
+    finish_at: float
+    attempt: int = 0
+    material_request: str | None = None
+    material_held: bool = False
+    power_request: str | None = None
+    power_held: bool = False
+    request_sent_wall: float | None = None
+    retry_wall: float | None = None
+    power_w: float = 0.0
+    started_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None
+
+    def duration(self, speed: float) -> float:
+        return self.processing_seconds / speed
+
+
+class MachineAgent(Agent):
+    """The agent of one machine; see the module docstring for what it does and why.
+
+    ``speedup`` (plant seconds per wall second) is used only to turn plant-time retry
+    times into wall-time timers.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        subjects: Subjects,
+        spec: MachineSpec,
+        tariff: Tariff,
+        *,
+        policy: BiddingPolicy | None = None,
+        speed: float | None = None,
+        health: float = 1.0,
+        speedup: float = 1.0,
+        health_interval_seconds: float = 60.0,
+        health_horizon_seconds: float = 3600.0,
+        report_delta: float = 0.02,
+        setpoint_ttl_seconds: float = 5.0,
+        retry_seconds: float = 60.0,
+        request_timeout_seconds: float = 2.0,
+        award_wait_seconds: float = 5.0,
+        memory: int = 10_000,
+    ) -> None:
+        super().__init__(name)
+        self.subjects = subjects
+        self.spec = spec
+        self.tariff = tariff
+        self.policy: BiddingPolicy = policy or RuleBasedBidding()
+        self.speed = spec.speed_nominal if speed is None else speed
+        if not spec.speed_min <= self.speed <= spec.speed_max:
+            raise ValueError(
+                f"speed {self.speed} of {name} is outside [{spec.speed_min}, {spec.speed_max}]"
+            )
+        self.health = health
+        self.speedup = speedup
+        self.health_interval_seconds = health_interval_seconds
+        self.health_horizon_seconds = health_horizon_seconds
+        self.report_delta = report_delta
+        self.setpoint_ttl_seconds = setpoint_ttl_seconds
+        self.retry_seconds = retry_seconds
+        self.request_timeout_seconds = request_timeout_seconds
+        self.award_wait_seconds = award_wait_seconds
+        self.memory = memory
+        self.status: Literal["up", "down"] = "up"
+        self.queue: list[Task] = []
+        #: Calls this machine bid on, by round, awaiting Accept or Reject.
+        self.bids: dict[str, CallForProposals] = {}
+        #: Rounds finished, failed or withdrawn here: a late Accept for one is ignored.
+        self.closed: OrderedDict[str, None] = OrderedDict()
+        #: Material reservations used up by an operation that started: never released.
+        self.consumed: OrderedDict[str, None] = OrderedDict()
+        self.ignored: dict[str, int] = {}
+        self.completed = 0
+        self._seq = 0
+        self._next_report: float | None = 0.0
+        self._reported: tuple[float, str] | None = None
+
+    @classmethod
+    def from_plant(cls, name: str, config: PlantConfig, **kwargs: Any) -> MachineAgent:
+        """The agent of machine ``name`` in ``config``, with the plant's tariff."""
+        spec = MachineSpec.from_plant(compile_plant(config), name)
+        return cls(name, Subjects(config.name), spec, Tariff.from_plant(config), **kwargs)
+
+    # --- Agent interface ---------------------------------------------------------------
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            *(Subscription(self.subjects.cfp(c)) for c in sorted(self.spec.capabilities)),
+            Subscription(self.subjects.award_all),
+            Subscription(self.subjects.energy_reply(self.name)),
+            Subscription(self.subjects.material_reply(self.name)),
+            Subscription(self.subjects.telemetry(self.name)),
+        ]
+
+    def handle(
+        self, subject: str, message: MessageBase, now: Now, reply_to: str | None = None
+    ) -> list[Outgoing]:
+        if isinstance(message, CallForProposals):
+            bid = self.make_bid(message, now)
+            if bid is None:
+                return []
+            proposal = Proposal(
+                round_id=message.round_id,
+                machine=bid.machine,
+                finish_at=bid.finish_at,
+                energy_cost=bid.energy_cost,
+                health_risk=bid.health_risk,
+            )
+            return [Outgoing(self.subjects.bid(message.round_id), proposal)]
+        return self.receive(message, now)
+
+    def next_timer(self) -> float | None:
+        times = [self._next_report] if self._next_report is not None else []
+        if self.bids:
+            times.append(min(c.deadline for c in self.bids.values()) + self.award_wait_seconds)
+        if self.queue and self.status == "up":
+            head = self.queue[0]
+            if head.retry_wall is not None:
+                times.append(head.retry_wall)
+            elif head.request_sent_wall is not None:
+                times.append(head.request_sent_wall + self.request_timeout_seconds)
+        return min(times) if times else None
+
+    def on_timer(self, now: Now) -> list[Outgoing]:
+        for round_id in [
+            r for r, c in self.bids.items() if c.deadline + self.award_wait_seconds <= now.wall
+        ]:
+            del self.bids[round_id]
+        out: list[Outgoing] = []
+        if self.queue:
+            head = self.queue[0]
+            if head.retry_wall is not None and head.retry_wall <= now.wall:
+                head.retry_wall = None
+            elif (
+                head.request_sent_wall is not None
+                and head.request_sent_wall + self.request_timeout_seconds <= now.wall
+            ):
+                self._count("request_timeout")
+                self._forget_request(head)
+        out += self._advance(now)
+        if self._next_report is None or self._next_report <= now.wall:
+            out += self._report(now)
+        return out
+
+    # --- What a host calls ---------------------------------------------------------------
+
+    def make_bid(self, cfp: CallForProposals, now: Now) -> Bid | None:
+        """This machine's bid for ``cfp``, or ``None`` (down, incapable, or declined)."""
+        if self.status == "down" or cfp.round_id in self.closed:
+            return None
+        if any(t.round_id == cfp.round_id for t in self.queue):
+            return None
+        context = BidContext(
+            machine=self.name,
+            spec=self.spec,
+            speed=self.speed,
+            health=self.health,
+            queue_end_at=self.queue_end_at(now),
+            now=now.plant,
+            tariff=self.tariff,
+        )
+        bid = self.policy.bid(cfp, context)
+        if bid is not None:
+            self.bids[cfp.round_id] = cfp
+        return bid
+
+    def receive(self, message: MessageBase, now: Now) -> list[Outgoing]:
+        """Everything but a call for proposals: awards, replies, telemetry."""
+        if isinstance(message, Accept):
+            if message.machine != self.name:
+                return []
+            return self._accept(message, now)
+        if isinstance(message, Reject):
+            if self.name not in message.machines:
+                return []
+            return self._reject(message, now)
+        if isinstance(message, PowerGrant | PowerDeny | MaterialReserved | MaterialUnavailable):
+            if message.machine != self.name:
+                return []
+            return self._reply(message, now)
+        if isinstance(message, Telemetry):
+            if message.machine != self.name:
+                return []
+            if message.status == "down" and self.status == "up":
+                return self.breakdown(now, "the plant reports the machine down")
+            if message.status != "down" and self.status == "down":
+                return self.repaired(now)
+            return []
+        self._count(f"unexpected_{message.type}")
+        return []
+
+    def queue_end_at(self, now: Now) -> float:
+        """Plant time at which the awarded work in the queue should be done."""
+        end = now.plant
+        for task in self.queue:
+            duration = task.duration(self.speed)
+            end = (
+                max(end, task.started_at + duration)
+                if task.started_at is not None
+                else end + duration
+            )
+        return end
+
+    def active_operation(self) -> Task | None:
+        """The operation running now, if any (what the plant world watches)."""
+        if self.queue and self.queue[0].running:
+            return self.queue[0]
+        return None
+
+    def operation_finished(self, job: str, op: int, now: Now) -> list[Outgoing]:
+        """The plant says ``job``/``op`` is done: report it, release, take the next one."""
+        task = self.active_operation()
+        if task is None or (task.job, task.op) != (job, op):
+            self._count("finish_unknown")
+            return []
+        assert task.started_at is not None
+        self.queue.pop(0)
+        bounded_add(self.closed, task.round_id, self.memory)
+        self.completed += 1
+        run = max(now.plant - task.started_at, 0.0)
+        self.health = max(0.0, self.health - self.spec.wear_rate(self.speed, task.load) * run)
+        done = InformDone(
+            round_id=task.round_id,
+            machine=self.name,
+            job=task.job,
+            op=task.op,
+            started_at=task.started_at,
+            finished_at=max(now.plant, task.started_at),
+            energy_j=task.power_w * run,
+        )
+        out = [
+            Outgoing(self.subjects.result(task.round_id), done),
+            *self._release(task),
+            self._setpoint("run", 0.0, now),
+        ]
+        out += self._advance(now)
+        return out + self._report_if_changed(now)
+
+    def breakdown(self, now: Now, reason: str = "machine breakdown") -> list[Outgoing]:
+        """The machine broke down: fail every queued operation so each is announced again."""
+        if self.status == "down":
+            return []
+        self.status = "down"
+        out: list[Outgoing] = []
+        for task in self.queue:
+            bounded_add(self.closed, task.round_id, self.memory)
+            failure = Failure(
+                round_id=task.round_id,
+                machine=self.name,
+                job=task.job,
+                op=task.op,
+                failed_at=now.plant,
+                reason=reason,
+            )
+            out.append(Outgoing(self.subjects.result(task.round_id), failure))
+            out += self._release(task)
+        self.queue = []
+        return out + self._report(now)
+
+    def repaired(self, now: Now, health: float = 1.0) -> list[Outgoing]:
+        """The machine is back from repair or maintenance, with ``health``."""
+        if self.status == "up":
+            return []
+        self.status = "up"
+        self.health = health
+        return self._report(now)
+
+    def set_health(self, health: float) -> None:
+        """Replace the health estimate (e.g. from a predictive-maintenance monitor)."""
+        self.health = min(max(health, 0.0), 1.0)
+
+    # --- Internals ---------------------------------------------------------------------
+
+    def _count(self, reason: str) -> None:
+        self.ignored[reason] = self.ignored.get(reason, 0) + 1
+
+    def _accept(self, acc: Accept, now: Now) -> list[Outgoing]:
+        if acc.round_id in self.closed or any(t.round_id == acc.round_id for t in self.queue):
+            self._count("duplicate_accept")
+            return []
+        cfp = self.bids.pop(acc.round_id, None)
+        reason = None
+        if self.status == "down":
+            reason = "machine down"
+        elif cfp is None or (cfp.job, cfp.op) != (acc.job, acc.op):
+            reason = "award without a matching bid on record"
+        if reason is not None or cfp is None:
+            bounded_add(self.closed, acc.round_id, self.memory)
+            failure = Failure(
+                round_id=acc.round_id,
+                machine=self.name,
+                job=acc.job,
+                op=acc.op,
+                failed_at=now.plant,
+                reason=reason or "no bid",
+            )
+            return [Outgoing(self.subjects.result(acc.round_id), failure)]
+        duration = cfp.processing_seconds / self.speed
+        self.queue.append(
+            Task(
+                round_id=acc.round_id,
+                job=acc.job,
+                op=acc.op,
+                processing_seconds=cfp.processing_seconds,
+                load=cfp.load,
+                material=cfp.material if cfp.quantity > 0 else None,
+                quantity=cfp.quantity,
+                finish_at=self.queue_end_at(now) + duration,
+            )
+        )
+        return self._advance(now)
+
+    def _reject(self, rej: Reject, now: Now) -> list[Outgoing]:
+        self.bids.pop(rej.round_id, None)
+        for i, task in enumerate(self.queue):
+            if task.round_id == rej.round_id:
+                del self.queue[i]
+                bounded_add(self.closed, task.round_id, self.memory)
+                out = self._release(task)
+                if task.running:
+                    out.append(self._setpoint("run", 0.0, now))
+                return out + self._advance(now)
+        return []
+
+    def _reply(
+        self, msg: PowerGrant | PowerDeny | MaterialReserved | MaterialUnavailable, now: Now
+    ) -> list[Outgoing]:
+        power = isinstance(msg, PowerGrant | PowerDeny)
+        for task in self.queue:
+            awaited = task.power_request if power else task.material_request
+            held = task.power_held if power else task.material_held
+            if awaited != msg.request_id:
+                continue
+            if held:
+                self._count("duplicate_reply")
+                return []
+            task.request_sent_wall = None
+            if isinstance(msg, PowerGrant):
+                task.power_held = True
+            elif isinstance(msg, MaterialReserved):
+                task.material_held = True
+            else:
+                if isinstance(msg, PowerDeny):
+                    task.power_request, retry_at = None, msg.retry_at
+                else:
+                    task.material_request, retry_at = None, msg.available_at
+                if retry_at is None or retry_at <= now.plant:
+                    retry_at = now.plant + self.retry_seconds
+                task.retry_wall = plant_to_wall(retry_at, now, self.speedup)
+            return self._advance(now)
+        # Nobody waits for it: give back what it grants, so nothing leaks.
+        self._count("unexpected_reply")
+        if isinstance(msg, PowerGrant):
+            release = PowerRelease(request_id=msg.request_id, machine=self.name)
+            return [Outgoing(self.subjects.energy_release, release)]
+        if isinstance(msg, MaterialReserved) and msg.request_id not in self.consumed:
+            give_back = MaterialRelease(request_id=msg.request_id, machine=self.name)
+            return [Outgoing(self.subjects.material_release, give_back)]
+        return []
+
+    def _forget_request(self, task: Task) -> None:
+        """Stop waiting for an unanswered request; a late answer will be released."""
+        if not task.material_held:
+            task.material_request = None
+        elif not task.power_held:
+            task.power_request = None
+        task.request_sent_wall = None
+
+    def _advance(self, now: Now) -> list[Outgoing]:
+        """Move the head of the queue one step: material, then power, then run."""
+        if self.status == "down" or not self.queue:
+            return []
+        task = self.queue[0]
+        if task.running or task.retry_wall is not None or task.request_sent_wall is not None:
+            return []
+        if task.material is not None and not task.material_held:
+            task.attempt += 1
+            task.material_request = f"{self.name}-{task.round_id}-m{task.attempt}"
+            task.request_sent_wall = now.wall
+            reserve = MaterialReserve(
+                request_id=task.material_request,
+                machine=self.name,
+                job=task.job,
+                op=task.op,
+                material=task.material,
+                quantity=task.quantity,
+            )
+            return [Outgoing(self.subjects.material_reserve, reserve)]
+        if not task.power_held:
+            task.attempt += 1
+            task.power_request = f"{self.name}-{task.round_id}-p{task.attempt}"
+            task.request_sent_wall = now.wall
+            task.power_w = self.spec.running_power_w(self.speed, task.load, self.health)
+            request = PowerRequest(
+                request_id=task.power_request,
+                machine=self.name,
+                job=task.job,
+                op=task.op,
+                power_w=task.power_w,
+                start_at=now.plant,
+                duration_seconds=task.duration(self.speed),
+            )
+            return [Outgoing(self.subjects.energy_request, request)]
+        if task.material_held and task.material_request is not None:
+            bounded_add(self.consumed, task.material_request, self.memory)
+        task.started_at = now.plant
+        task.finish_at = now.plant + task.duration(self.speed)
+        return [self._setpoint("speed_setpoint", self.speed, now), self._setpoint("run", 1.0, now)]
+
+    def _release(self, task: Task) -> list[Outgoing]:
+        """Give back what ``task`` holds: power always, material only if it did not start."""
+        out: list[Outgoing] = []
+        if task.power_held and task.power_request is not None:
+            release = PowerRelease(request_id=task.power_request, machine=self.name)
+            out.append(Outgoing(self.subjects.energy_release, release))
+        if task.material_held and task.material_request is not None and not task.running:
+            give_back = MaterialRelease(request_id=task.material_request, machine=self.name)
+            out.append(Outgoing(self.subjects.material_release, give_back))
+        task.power_held = task.material_held = False
+        return out
+
+    def _setpoint(self, variable: str, value: float, now: Now) -> Outgoing:
+        self._seq += 1
+        request = SetpointRequest(
+            request_id=f"{self.name}-sp{self._seq}",
+            machine=self.name,
+            variable=variable,
+            value=value,
+            requested_at=now.wall,
+            ttl_seconds=self.setpoint_ttl_seconds,
+            origin=self.name,
+        )
+        return Outgoing(self.subjects.setpoint_request, request, self.setpoint_ttl_seconds)
+
+    def failure_probability(self) -> float:
+        """Chance of a breakdown within the next ``health_horizon_seconds`` of running."""
+        return 1.0 - math.exp(-self.spec.hazard(self.health) * self.health_horizon_seconds)
+
+    def _report(self, now: Now) -> list[Outgoing]:
+        probability = self.failure_probability()
+        hazard = self.spec.hazard(self.health)
+        report = HealthReport(
+            machine=self.name,
+            plant_time=now.plant,
+            rul_seconds=None if self.status == "down" or hazard <= 0 else 1.0 / hazard,
+            failure_probability=min(max(probability, 0.0), 1.0),
+            horizon_seconds=self.health_horizon_seconds,
+        )
+        self._reported = (probability, self.status)
+        self._next_report = now.wall + self.health_interval_seconds
+        return [Outgoing(self.subjects.health(self.name), report)]
+
+    def _report_if_changed(self, now: Now) -> list[Outgoing]:
+        if self._reported is None:
+            return self._report(now)
+        probability, status = self._reported
+        if (
+            status != self.status
+            or abs(self.failure_probability() - probability) >= self.report_delta
+        ):
+            return self._report(now)
+        return []
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "health": self.health,
+            "speed": self.speed,
+            "queue": [asdict(t) for t in self.queue],
+            "bids": {r: c.model_dump(mode="json", by_alias=True) for r, c in self.bids.items()},
+            "closed": list(self.closed),
+            "consumed": list(self.consumed),
+            "ignored": dict(self.ignored),
+            "completed": self.completed,
+            "seq": self._seq,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.status = state["status"]
+        self.health = float(state["health"])
+        self.speed = float(state["speed"])
+        self.queue = [Task(**t) for t in state["queue"]]
+        self.bids = {r: CallForProposals.model_validate(c) for r, c in state["bids"].items()}
+        self.closed = OrderedDict.fromkeys(str(r) for r in state["closed"])
+        self.consumed = OrderedDict.fromkeys(str(r) for r in state["consumed"])
+        self.ignored = dict(state["ignored"])
+        self.completed = int(state["completed"])
+        self._seq = int(state["seq"])
+        self._next_report = 0.0
+
+
+class MachineHost(Agent):
+    """Many machine agents behind one handler: one :class:`ProposalBatch` per call.
+
+    The host answers every call it hears, with an empty batch when none of its machines
+    bids, so the scheduler can count hosts and close a round early. Everything else is
+    routed to the machine the message names.
+    """
+
+    def __init__(self, name: str, subjects: Subjects, machines: Sequence[MachineAgent]) -> None:
+        super().__init__(name)
+        if not machines:
+            raise ValueError(f"host {name} needs at least one machine")
+        self.subjects = subjects
+        self.machines: dict[str, MachineAgent] = {m.name: m for m in machines}
+        if len(self.machines) != len(machines):
+            raise ValueError(f"host {name}: machine names must be unique")
+
+    @classmethod
+    def from_plant(
+        cls, name: str, config: PlantConfig, machines: Sequence[str] | None = None, **kwargs: Any
+    ) -> MachineHost:
+        """A host for ``machines`` of ``config`` (default: all of them)."""
+        plant = compile_plant(config)
+        tariff = Tariff.from_plant(config)
+        subjects = Subjects(config.name)
+        names = plant.machine_names if machines is None else machines
+        agents = [
+            MachineAgent(n, subjects, MachineSpec.from_plant(plant, n), tariff, **kwargs)
+            for n in names
+        ]
+        return cls(name, subjects, agents)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset().union(*(m.spec.capabilities for m in self.machines.values()))
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            *(Subscription(self.subjects.cfp(c)) for c in sorted(self.capabilities)),
+            Subscription(self.subjects.award_all),
+            Subscription(self.subjects.energy_reply_all),
+            Subscription(self.subjects.material_reply_all),
+            Subscription(self.subjects.telemetry_all),
+        ]
+
+    def handle(
+        self, subject: str, message: MessageBase, now: Now, reply_to: str | None = None
+    ) -> list[Outgoing]:
+        if isinstance(message, CallForProposals):
+            bids = [
+                bid for m in self.machines.values() if (bid := m.make_bid(message, now)) is not None
+            ]
+            batch = ProposalBatch(round_id=message.round_id, host=self.name, bids=bids)
+            return [Outgoing(self.subjects.bid(message.round_id), batch)]
+        if isinstance(message, Reject):
+            out: list[Outgoing] = []
+            for name in message.machines:
+                if name in self.machines:
+                    out += self.machines[name].receive(message, now)
+            return out
+        machine = getattr(message, "machine", None)
+        if isinstance(machine, str) and machine in self.machines:
+            return self.machines[machine].receive(message, now)
+        return []
+
+    def next_timer(self) -> float | None:
+        times = [t for m in self.machines.values() if (t := m.next_timer()) is not None]
+        return min(times) if times else None
+
+    def on_timer(self, now: Now) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for m in self.machines.values():
+            due = m.next_timer()
+            if due is not None and due <= now.wall:
+                out += m.on_timer(now)
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return {name: m.snapshot() for name, m in self.machines.items()}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        unknown = set(state) - set(self.machines)
+        if unknown:
+            raise ValueError(f"host {self.name} has no machines {sorted(unknown)}")
+        for name, machine_state in state.items():
+            self.machines[name].restore(machine_state)

@@ -1,0 +1,545 @@
+"""The scheduler agent: takes orders, and gets every operation done once, by Contract Net.
+
+Orders
+------
+:class:`OrderSubmit` (request/reply on ``Subjects.orders_submit``) is checked against the
+plant's products and answered with :class:`OrderAck` (order id and job ids, one job per
+unit) or :class:`OrderRefused`. The answer is stored under the client's order id, and a
+repeated submit gets that first answer again and creates nothing: an MES that timed out
+and resent must not get the order twice. :class:`OrderStatusQuery` is answered with
+:class:`OrderStatus`.
+
+Contract Net
+------------
+Each job has at most one *live* round, for its next operation: the next operation
+becomes ready only after :class:`InformDone` of the previous one, so a route is done in
+order. A round:
+
+1. is announced (:class:`CallForProposals` on ``Subjects.cfp(capability)``) with a wall
+   deadline ``bid_window_seconds`` away and a fresh ``round_id``;
+2. collects :class:`Proposal` and :class:`ProposalBatch` bids until the deadline, or until
+   every expected responder answered (``expected_responders[capability]``: the number of
+   hosts and lone machines that hear that capability, if the runtime knows it);
+3. awards the lowest :class:`ScoreWeights` score with :class:`Accept`, and turns the rest
+   down with one :class:`Reject`;
+4. waits for the winner's :class:`InformDone` until the bid's ``finish_at`` plus a grace
+   (plant time). No bids, a :class:`Failure`, or no result by then (a lost machine, a lost
+   award) closes the round and announces the operation again under a new ``round_id``;
+   after a timeout the old winner also gets a :class:`Reject` that withdraws its award, so
+   it does not run the operation as well.
+
+Everything that does not fit (a bid for a closed or unknown round, a second bid from one
+machine, a second InformDone, an InformDone or Failure from a machine that was not
+awarded) changes nothing and is counted by reason in :attr:`SchedulerAgent.ignored`.
+Re-announcements are counted by cause in :attr:`SchedulerAgent.reannounced`.
+
+Score
+-----
+``score = finish * (finish_at - ready_at) + energy * energy_cost + risk * health_risk``,
+lowest wins, ties to the machine name. The weights put the three terms in one unit,
+seconds of delay: by default a unit of currency is worth an hour of delay, and a certain
+breakdown two hours.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from autofab.agents.base import Agent, Now, Outgoing, Subscription
+from autofab.agents.energy import bounded_add, plant_to_wall
+from autofab.agents.protocol import (
+    Accept,
+    Bid,
+    CallForProposals,
+    Failure,
+    InformDone,
+    MessageBase,
+    OrderAck,
+    OrderRefused,
+    OrderStatus,
+    OrderStatusQuery,
+    OrderSubmit,
+    Proposal,
+    ProposalBatch,
+    Reject,
+    Subjects,
+    decode,
+    encode,
+)
+from autofab.envs.plant import PlantConfig
+
+__all__ = ["Completion", "OperationSpec", "SchedulerAgent", "ScoreWeights"]
+
+#: Round numbers skipped on a restore, so no round id used after the snapshot is reused.
+_RESTORE_GAP = 1_000
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    """Weights of the award score (see the module docstring); lower scores win."""
+
+    finish: float = 1.0
+    energy: float = 3600.0
+    risk: float = 7200.0
+
+    def score(self, bid: Bid, ready_at: float) -> float:
+        return (
+            self.finish * max(bid.finish_at - ready_at, 0.0)
+            + self.energy * bid.energy_cost
+            + self.risk * bid.health_risk
+        )
+
+
+@dataclass(frozen=True)
+class OperationSpec:
+    """One step of a product's route, as the scheduler announces it."""
+
+    capability: str
+    processing_seconds: float
+    load: float = 1.0
+    material: str | None = None
+    quantity: float = 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """An operation done: what the scheduler records once per (job, op)."""
+
+    job: str
+    op: int
+    round_id: str
+    machine: str
+    started_at: float
+    finished_at: float
+
+
+@dataclass
+class _Job:
+    job: str
+    order: str
+    product: str
+    due_at: float
+    next_op: int = 0
+    ready_at: float = 0.0
+    round_id: str | None = None
+    retry_wall: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class _Round:
+    round_id: str
+    job: str
+    op: int
+    ready_at: float
+    deadline: float
+    state: Literal["open", "awarded"] = "open"
+    bids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    responders: list[str] = field(default_factory=list)
+    winner: str | None = None
+    expected_finish: float | None = None
+    result_due: float | None = None
+    result_wall: float | None = None
+
+
+@dataclass
+class _Order:
+    client_order_id: str
+    answer: str
+    order: str | None = None
+    jobs: list[str] = field(default_factory=list)
+
+
+class SchedulerAgent(Agent):
+    """Orders in, operations out by Contract Net; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        subjects: Subjects,
+        routes: Mapping[str, Sequence[OperationSpec]],
+        *,
+        weights: ScoreWeights | None = None,
+        expected_responders: Mapping[str, int] | None = None,
+        bid_window_seconds: float = 0.2,
+        retry_seconds: float = 1.0,
+        grace_seconds: float = 600.0,
+        grace_factor: float = 1.0,
+        speedup: float = 1.0,
+        max_jobs_per_order: int = 1_000,
+        memory: int = 100_000,
+    ) -> None:
+        super().__init__(name)
+        self.subjects = subjects
+        self.routes = {p: tuple(r) for p, r in routes.items()}
+        self.weights = weights or ScoreWeights()
+        self.expected_responders = dict(expected_responders or {})
+        self.bid_window_seconds = bid_window_seconds
+        self.retry_seconds = retry_seconds
+        self.grace_seconds = grace_seconds
+        self.grace_factor = grace_factor
+        self.speedup = speedup
+        self.max_jobs_per_order = max_jobs_per_order
+        self.memory = memory
+        self.orders: dict[str, _Order] = {}
+        self.jobs: dict[str, _Job] = {}
+        self.rounds: dict[str, _Round] = {}
+        #: Closed rounds and how they ended ("done", "failed", "timeout", "no_bids").
+        self.closed: OrderedDict[str, str] = OrderedDict()
+        self.completions: list[Completion] = []
+        self.ignored: dict[str, int] = {}
+        self.reannounced: dict[str, int] = {}
+        self._order_seq = 0
+        self._round_seq = 0
+
+    @classmethod
+    def from_plant(cls, name: str, config: PlantConfig, **kwargs: Any) -> SchedulerAgent:
+        """The scheduler of ``config``'s products; ``kwargs`` go to the constructor."""
+        routes = {
+            p.name: [
+                OperationSpec(
+                    capability=s.capability,
+                    processing_seconds=s.minutes * 60.0,
+                    load=s.load,
+                    material=s.material,
+                    quantity=s.quantity if s.material is not None else 0.0,
+                )
+                for s in p.route
+            ]
+            for p in config.products
+        }
+        return cls(name, Subjects(config.name), routes, **kwargs)
+
+    # --- Agent interface ---------------------------------------------------------------
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            Subscription(self.subjects.orders_submit),
+            Subscription(self.subjects.orders_query),
+            Subscription(self.subjects.bid_all),
+            Subscription(self.subjects.result_all),
+        ]
+
+    def handle(
+        self, subject: str, message: MessageBase, now: Now, reply_to: str | None = None
+    ) -> list[Outgoing]:
+        if isinstance(message, Proposal):
+            return self._bids(message.round_id, message.machine, [message.bid()], now)
+        if isinstance(message, ProposalBatch):
+            return self._bids(message.round_id, message.host, message.bids, now)
+        if isinstance(message, InformDone):
+            return self._done(message, now)
+        if isinstance(message, Failure):
+            return self._failure(message, now)
+        if isinstance(message, OrderSubmit):
+            return self._submit(message, now, reply_to)
+        if isinstance(message, OrderStatusQuery):
+            status = self.order_status(message.client_order_id, now)
+            return [Outgoing(reply_to or self.subjects.orders_reply, status)]
+        self._count(f"unexpected_{message.type}")
+        return []
+
+    def next_timer(self) -> float | None:
+        times = [r.deadline for r in self.rounds.values() if r.state == "open"]
+        times += [r.result_wall for r in self.rounds.values() if r.result_wall is not None]
+        times += [j.retry_wall for j in self.jobs.values() if j.retry_wall is not None]
+        return min(times) if times else None
+
+    def on_timer(self, now: Now) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for rnd in list(self.rounds.values()):
+            if rnd.state == "open" and rnd.deadline <= now.wall:
+                out += self._close(rnd, now)
+            elif rnd.result_wall is not None and rnd.result_wall <= now.wall:
+                assert rnd.result_due is not None
+                if now.plant < rnd.result_due:
+                    rnd.result_wall = plant_to_wall(rnd.result_due, now, self.speedup)
+                    continue
+                out += self._withdraw(rnd, now)
+        for job in self.jobs.values():
+            if job.retry_wall is not None and job.retry_wall <= now.wall:
+                out += self._announce(job, now)
+        return out
+
+    # --- Queries -------------------------------------------------------------------------
+
+    def order_status(self, client_order_id: str, now: Now) -> OrderStatus:
+        """Where an order stands, with an estimated (or actual) finish."""
+        record = self.orders.get(client_order_id)
+        if record is None or record.order is None:
+            return OrderStatus(
+                client_order_id=client_order_id,
+                order=None,
+                status="unknown" if record is None else "refused",
+                jobs_done=0,
+                jobs_total=0,
+            )
+        jobs = [self.jobs[j] for j in record.jobs]
+        done = [j for j in jobs if j.finished_at is not None]
+        started = any(j.next_op > 0 or self._awarded(j) is not None for j in jobs)
+        finish = max((self._finish_estimate(j, now) for j in jobs), default=None)
+        state: Literal["queued", "in_progress", "done"] = (
+            "done" if len(done) == len(jobs) else "in_progress" if started else "queued"
+        )
+        return OrderStatus(
+            client_order_id=client_order_id,
+            order=record.order,
+            status=state,
+            jobs_done=len(done),
+            jobs_total=len(jobs),
+            finish_at=finish,
+        )
+
+    def all_done(self) -> bool:
+        """Every job of every accepted order has finished its route."""
+        return all(j.finished_at is not None for j in self.jobs.values())
+
+    # --- Orders --------------------------------------------------------------------------
+
+    def _submit(self, msg: OrderSubmit, now: Now, reply_to: str | None) -> list[Outgoing]:
+        to = reply_to or self.subjects.orders_reply
+        record = self.orders.get(msg.client_order_id)
+        if record is not None:
+            self._count("repeated_order")
+            return [Outgoing(to, decode("snapshot", record.answer.encode()))]
+        unknown = sorted({i.product for i in msg.items} - set(self.routes))
+        count = sum(i.quantity for i in msg.items)
+        answer: OrderAck | OrderRefused
+        if unknown:
+            reason = f"unknown products {unknown}; known: {sorted(self.routes)}"
+        elif count > self.max_jobs_per_order:
+            reason = f"{count} units is more than the limit of {self.max_jobs_per_order}"
+        else:
+            reason = ""
+        if reason:
+            answer = OrderRefused(client_order_id=msg.client_order_id, reason=reason)
+            self.orders[msg.client_order_id] = _Order(msg.client_order_id, _text(answer))
+            return [Outgoing(to, answer)]
+        self._order_seq += 1
+        order = f"o{self._order_seq}"
+        jobs: list[_Job] = []
+        for item in msg.items:
+            for _ in range(item.quantity):
+                job = _Job(f"{order}-{len(jobs) + 1}", order, item.product, msg.due_at)
+                job.ready_at = now.plant
+                jobs.append(job)
+        answer = OrderAck(
+            client_order_id=msg.client_order_id, order=order, jobs=[j.job for j in jobs]
+        )
+        self.orders[msg.client_order_id] = _Order(
+            msg.client_order_id, _text(answer), order, [j.job for j in jobs]
+        )
+        out = [Outgoing(to, answer)]
+        for job in jobs:
+            self.jobs[job.job] = job
+            out += self._announce(job, now)
+        return out
+
+    # --- Rounds --------------------------------------------------------------------------
+
+    def _count(self, reason: str, table: dict[str, int] | None = None) -> None:
+        table = self.ignored if table is None else table
+        table[reason] = table.get(reason, 0) + 1
+
+    def _announce(self, job: _Job, now: Now) -> list[Outgoing]:
+        """Open a new round for the job's next operation."""
+        job.retry_wall = None
+        step = self.routes[job.product][job.next_op]
+        self._round_seq += 1
+        round_id = f"{job.job}-{job.next_op}-r{self._round_seq}"
+        ready = max(now.plant, job.ready_at)
+        rnd = _Round(round_id, job.job, job.next_op, ready, now.wall + self.bid_window_seconds)
+        self.rounds[round_id] = rnd
+        job.round_id = round_id
+        cfp = CallForProposals(
+            round_id=round_id,
+            job=job.job,
+            op=job.next_op,
+            capability=step.capability,
+            ready_at=ready,
+            due_at=job.due_at,
+            processing_seconds=step.processing_seconds,
+            load=step.load,
+            material=step.material,
+            quantity=step.quantity,
+            deadline=rnd.deadline,
+        )
+        return [Outgoing(self.subjects.cfp(step.capability), cfp)]
+
+    def _bids(self, round_id: str, responder: str, bids: Sequence[Bid], now: Now) -> list[Outgoing]:
+        rnd = self.rounds.get(round_id)
+        if rnd is None:
+            self._count("late_bid" if round_id in self.closed else "unknown_round")
+            return []
+        if rnd.state != "open" or now.wall > rnd.deadline:
+            self._count("late_bid")
+            return []
+        if responder in rnd.responders:
+            self._count("duplicate_bid")
+            return []
+        rnd.responders.append(responder)
+        for bid in bids:
+            if bid.machine in rnd.bids:
+                self._count("duplicate_bid")
+                continue
+            rnd.bids[bid.machine] = bid.model_dump()
+        step = self.routes[self.jobs[rnd.job].product][rnd.op]
+        expected = self.expected_responders.get(step.capability)
+        if expected is not None and len(rnd.responders) >= expected:
+            return self._close(rnd, now)
+        return []
+
+    def _close(self, rnd: _Round, now: Now) -> list[Outgoing]:
+        """End the bidding of ``rnd``: award the best bid, or try again later."""
+        job = self.jobs[rnd.job]
+        if not rnd.bids:
+            self._end(rnd, "no_bids")
+            job.retry_wall = now.wall + self.retry_seconds
+            return []
+        step = self.routes[job.product][rnd.op]
+        backlog = self._backlog()
+        bids: dict[str, Bid] = {}
+        for machine, raw in rnd.bids.items():
+            bid = Bid.model_validate(raw)
+            if machine in backlog:
+                finish = max(bid.finish_at, backlog[machine] + step.processing_seconds)
+                bid = bid.model_copy(update={"finish_at": finish})
+            bids[machine] = bid
+        winner = min(bids, key=lambda m: (self.weights.score(bids[m], rnd.ready_at), m))
+        rnd.state, rnd.winner = "awarded", winner
+        rnd.expected_finish = bids[winner].finish_at
+        rnd.result_due = rnd.expected_finish + max(
+            self.grace_seconds, self.grace_factor * step.processing_seconds
+        )
+        rnd.result_wall = plant_to_wall(rnd.result_due, now, self.speedup)
+        accept = Accept(round_id=rnd.round_id, machine=winner, job=rnd.job, op=rnd.op)
+        out = [Outgoing(self.subjects.award(rnd.round_id), accept)]
+        losers = sorted(m for m in bids if m != winner)
+        if losers:
+            reject = Reject(round_id=rnd.round_id, machines=losers, reason="another bid won")
+            out.append(Outgoing(self.subjects.award(rnd.round_id), reject))
+        return out
+
+    def _backlog(self) -> dict[str, float]:
+        """When each machine should be through the work awarded to it and not yet done.
+
+        Machines bid on concurrent rounds from the same queue, so one machine can win
+        several rounds on one promise; the scheduler, which knows its own awards, pushes
+        such a bid's finish behind them, both to score it and to time it out.
+        """
+        ends: dict[str, float] = {}
+        for rnd in self.rounds.values():
+            if rnd.winner is not None and rnd.expected_finish is not None:
+                ends[rnd.winner] = max(ends.get(rnd.winner, 0.0), rnd.expected_finish)
+        return ends
+
+    def _withdraw(self, rnd: _Round, now: Now) -> list[Outgoing]:
+        """The winner sent no result in time: take the award back and announce again."""
+        assert rnd.winner is not None
+        self._end(rnd, "timeout")
+        reject = Reject(
+            round_id=rnd.round_id, machines=[rnd.winner], reason="award withdrawn: no result"
+        )
+        out = [Outgoing(self.subjects.award(rnd.round_id), reject)]
+        return out + self._announce(self.jobs[rnd.job], now)
+
+    def _end(self, rnd: _Round, outcome: str) -> None:
+        del self.rounds[rnd.round_id]
+        bounded_add(self.closed, rnd.round_id, self.memory, outcome)
+        job = self.jobs[rnd.job]
+        if job.round_id == rnd.round_id:
+            job.round_id = None
+        if outcome != "done":
+            self._count(outcome, self.reannounced)
+
+    def _result_round(self, msg: InformDone | Failure) -> _Round | None:
+        """The awarded round ``msg`` reports on, or None (counted) if it does not fit."""
+        rnd = self.rounds.get(msg.round_id)
+        if rnd is None:
+            outcome = self.closed.get(msg.round_id)
+            done = isinstance(msg, InformDone) and outcome == "done"
+            self._count(
+                "unknown_round" if outcome is None else "duplicate_done" if done else "stale_result"
+            )
+            return None
+        if rnd.state != "awarded" or rnd.winner != msg.machine:
+            self._count("not_awarded")
+            return None
+        if (rnd.job, rnd.op) != (msg.job, msg.op):
+            self._count("wrong_operation")
+            return None
+        return rnd
+
+    def _done(self, msg: InformDone, now: Now) -> list[Outgoing]:
+        rnd = self._result_round(msg)
+        if rnd is None:
+            return []
+        job = self.jobs[rnd.job]
+        self._end(rnd, "done")
+        self.completions.append(
+            Completion(msg.job, msg.op, msg.round_id, msg.machine, msg.started_at, msg.finished_at)
+        )
+        job.next_op += 1
+        job.ready_at = msg.finished_at
+        if job.next_op >= len(self.routes[job.product]):
+            job.finished_at = msg.finished_at
+            return []
+        return self._announce(job, now)
+
+    def _failure(self, msg: Failure, now: Now) -> list[Outgoing]:
+        rnd = self._result_round(msg)
+        if rnd is None:
+            return []
+        self._end(rnd, "failed")
+        return self._announce(self.jobs[rnd.job], now)
+
+    def _awarded(self, job: _Job) -> _Round | None:
+        rnd = self.rounds.get(job.round_id) if job.round_id is not None else None
+        return rnd if rnd is not None and rnd.state == "awarded" else None
+
+    def _finish_estimate(self, job: _Job, now: Now) -> float:
+        if job.finished_at is not None:
+            return job.finished_at
+        route = self.routes[job.product]
+        rnd = self._awarded(job)
+        if rnd is not None and rnd.winner is not None:
+            at = rnd.expected_finish or float(rnd.bids[rnd.winner]["finish_at"])
+            rest = route[job.next_op + 1 :]
+        else:
+            at = max(now.plant, job.ready_at)
+            rest = route[job.next_op :]
+        return at + sum(s.processing_seconds for s in rest)
+
+    # --- State ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "orders": {c: asdict(o) for c, o in self.orders.items()},
+            "jobs": {j: asdict(s) for j, s in self.jobs.items()},
+            "rounds": {r: asdict(s) for r, s in self.rounds.items()},
+            "closed": dict(self.closed),
+            "completions": [asdict(c) for c in self.completions],
+            "ignored": dict(self.ignored),
+            "reannounced": dict(self.reannounced),
+            "order_seq": self._order_seq,
+            "round_seq": self._round_seq,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.orders = {c: _Order(**o) for c, o in state["orders"].items()}
+        self.jobs = {j: _Job(**s) for j, s in state["jobs"].items()}
+        self.rounds = {r: _Round(**s) for r, s in state["rounds"].items()}
+        self.closed = OrderedDict(state["closed"])
+        self.completions = [Completion(**c) for c in state["completions"]]
+        self.ignored = dict(state["ignored"])
+        self.reannounced = dict(state["reannounced"])
+        self._order_seq = int(state["order_seq"])
+        self._round_seq = int(state["round_seq"]) + _RESTORE_GAP
+
+
+def _text(message: MessageBase) -> str:
+    """A message as stored text (its wire form), to answer a repeat exactly as before."""
+    return encode(message).decode()
