@@ -378,8 +378,7 @@ def _evaluate_with_ray(
     """
     run = None if policy is None else str(resolve_policy_path(policy).resolve())
     jobs = [
-        InstanceJob(n, tuple(methods), time_limit, workers, run, improve_s, samples)
-        for n in names
+        InstanceJob(n, tuple(methods), time_limit, workers, run, improve_s, samples) for n in names
     ]
 
     def done(index: int, value: tuple[dict[str, Any], list[MethodResult]]) -> None:
