@@ -242,16 +242,25 @@ class MachineAgent(Agent):
 
     def make_bid(self, cfp: CallForProposals, now: Now) -> Bid | None:
         """This machine's bid for ``cfp``, or ``None`` (down, incapable, or declined)."""
-        if self.status == "down" or cfp.round_id in self.closed:
+        round_id = cfp.round_id
+        if self.status == "down" or round_id in self.closed:
             return None
-        if any(t.round_id == cfp.round_id for t in self.queue):
-            return None
+        # One pass over the queue: is the round already ours, and when is the queue done
+        # (the same sum as queue_end_at, inlined: a host runs this for every machine).
+        end = now.plant
+        speed = self.speed
+        for task in self.queue:
+            if task.round_id == round_id:
+                return None
+            duration = task.processing_seconds / speed
+            started = task.started_at
+            end = max(end, started + duration) if started is not None else end + duration
         context = BidContext(
             machine=self.name,
             spec=self.spec,
-            speed=self.speed,
+            speed=speed,
             health=self.health,
-            queue_end_at=self.queue_end_at(now),
+            queue_end_at=end,
             now=now.plant,
             tariff=self.tariff,
         )
@@ -640,10 +649,13 @@ class MachineHost(Agent):
             batch = ProposalBatch(round_id=message.round_id, host=self.name, bids=bids)
             return [Outgoing(self.subjects.bid(message.round_id), batch)]
         if isinstance(message, Reject):
+            # What MachineAgent.receive does for a Reject naming the machine, without its
+            # search of the (long) name list for each of the (many) machines named.
             out: list[Outgoing] = []
             for name in message.machines:
-                if name in self.machines:
-                    out += self.machines[name].receive(message, now)
+                agent = self.machines.get(name)
+                if agent is not None:
+                    out += agent._reject(message, now)
             return out
         machine = getattr(message, "machine", None)
         if isinstance(machine, str) and machine in self.machines:

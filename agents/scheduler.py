@@ -33,6 +33,17 @@ machine, a second InformDone, an InformDone or Failure from a machine that was n
 awarded) changes nothing and is counted by reason in :attr:`SchedulerAgent.ignored`.
 Re-announcements are counted by cause in :attr:`SchedulerAgent.reannounced`.
 
+Bookkeeping, and why it is indexed
+----------------------------------
+With hundreds of rounds open and thousands awarded, nothing on a round's path may scan
+every round. Timers (bid deadlines, result timeouts, retries) sit in a heap with lazy
+deletion: an entry is acted on only if the round or job still holds that exact time, so a
+round closed early costs nothing to forget. Each machine's backlog (the latest promised
+finish of the rounds it won and has not reported) is kept up to date on award and on
+result, not recomputed from every round. Bids are kept as :class:`Bid` objects and scored
+straight from their numbers. The agent's rounds and jobs are for reading: change them only
+through messages, timers and :meth:`SchedulerAgent.restore`, which rebuild the indexes.
+
 Score
 -----
 ``score = finish * (finish_at - ready_at) + energy * energy_cost + risk * health_risk``,
@@ -43,9 +54,10 @@ breakdown two hours.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from autofab.agents.base import Agent, Now, Outgoing, Subscription
@@ -76,6 +88,9 @@ __all__ = ["Completion", "OperationSpec", "SchedulerAgent", "ScoreWeights"]
 #: Round numbers skipped on a restore, so no round id used after the snapshot is reused.
 _RESTORE_GAP = 1_000
 
+#: Kinds of timer in the heap: a round's bid deadline, its result timeout, a job's retry.
+_DEADLINE, _RESULT, _RETRY = 0, 1, 2
+
 
 @dataclass(frozen=True)
 class ScoreWeights:
@@ -86,10 +101,16 @@ class ScoreWeights:
     risk: float = 7200.0
 
     def score(self, bid: Bid, ready_at: float) -> float:
+        return self.score_of(bid.finish_at, bid.energy_cost, bid.health_risk, ready_at)
+
+    def score_of(
+        self, finish_at: float, energy_cost: float, health_risk: float, ready_at: float
+    ) -> float:
+        """:meth:`score` from the bid's three numbers, for a bid whose finish was moved."""
         return (
-            self.finish * max(bid.finish_at - ready_at, 0.0)
-            + self.energy * bid.energy_cost
-            + self.risk * bid.health_risk
+            self.finish * max(finish_at - ready_at, 0.0)
+            + self.energy * energy_cost
+            + self.risk * health_risk
         )
 
 
@@ -137,7 +158,7 @@ class _Round:
     ready_at: float
     deadline: float
     state: Literal["open", "awarded"] = "open"
-    bids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bids: dict[str, Bid] = field(default_factory=dict)
     responders: list[str] = field(default_factory=list)
     winner: str | None = None
     expected_finish: float | None = None
@@ -194,6 +215,11 @@ class SchedulerAgent(Agent):
         self.reannounced: dict[str, int] = {}
         self._order_seq = 0
         self._round_seq = 0
+        # Indexes over rounds and jobs (see "Bookkeeping" in the module docstring).
+        self._timers: list[tuple[float, int, str]] = []
+        self._timers_limit = 1024
+        self._awards: dict[str, dict[str, float]] = {}
+        self._backlog_end: dict[str, float] = {}
 
     @classmethod
     def from_plant(cls, name: str, config: PlantConfig, **kwargs: Any) -> SchedulerAgent:
@@ -243,26 +269,72 @@ class SchedulerAgent(Agent):
         return []
 
     def next_timer(self) -> float | None:
-        times = [r.deadline for r in self.rounds.values() if r.state == "open"]
-        times += [r.result_wall for r in self.rounds.values() if r.result_wall is not None]
-        times += [j.retry_wall for j in self.jobs.values() if j.retry_wall is not None]
-        return min(times) if times else None
+        heap = self._timers
+        while heap and not self._timer_live(*heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     def on_timer(self, now: Now) -> list[Outgoing]:
+        heap = self._timers
+        rounds: set[str] = set()
+        jobs: set[str] = set()
+        while heap and heap[0][0] <= now.wall:
+            entry = heapq.heappop(heap)
+            if self._timer_live(*entry):
+                (jobs if entry[1] == _RETRY else rounds).add(entry[2])
         out: list[Outgoing] = []
-        for rnd in list(self.rounds.values()):
+        # In creation order, as a scan of every round and job would meet them.
+        due_rounds = [r for r in self.rounds if r in rounds] if len(rounds) > 1 else rounds
+        for round_id in due_rounds:
+            rnd = self.rounds[round_id]
             if rnd.state == "open" and rnd.deadline <= now.wall:
                 out += self._close(rnd, now)
             elif rnd.result_wall is not None and rnd.result_wall <= now.wall:
                 assert rnd.result_due is not None
                 if now.plant < rnd.result_due:
                     rnd.result_wall = plant_to_wall(rnd.result_due, now, self.speedup)
+                    self._arm(rnd.result_wall, _RESULT, round_id)
                     continue
                 out += self._withdraw(rnd, now)
-        for job in self.jobs.values():
+        due_jobs = [j for j in self.jobs if j in jobs] if len(jobs) > 1 else jobs
+        for job_id in due_jobs:
+            job = self.jobs[job_id]
             if job.retry_wall is not None and job.retry_wall <= now.wall:
                 out += self._announce(job, now)
         return out
+
+    def _arm(self, at: float, kind: int, key: str) -> None:
+        """Put a timer in the heap; compact the heap when stale entries pile up."""
+        heapq.heappush(self._timers, (at, kind, key))
+        if len(self._timers) > self._timers_limit:
+            self._rebuild_timers()
+
+    def _timer_live(self, at: float, kind: int, key: str) -> bool:
+        """Whether a heap entry is still a timer: its round or job holds that very time."""
+        if kind == _RETRY:
+            job = self.jobs.get(key)
+            return job is not None and job.retry_wall == at
+        rnd = self.rounds.get(key)
+        if rnd is None:
+            return False
+        if kind == _DEADLINE:
+            return rnd.state == "open" and rnd.deadline == at
+        return rnd.result_wall == at
+
+    def _rebuild_timers(self) -> None:
+        """The heap from the rounds and jobs alone (after a restore, or to drop stale
+        entries), so it never holds more than about twice the live timers."""
+        timers = [
+            (j.retry_wall, _RETRY, k) for k, j in self.jobs.items() if j.retry_wall is not None
+        ]
+        for key, rnd in self.rounds.items():
+            if rnd.state == "open":
+                timers.append((rnd.deadline, _DEADLINE, key))
+            if rnd.result_wall is not None:
+                timers.append((rnd.result_wall, _RESULT, key))
+        heapq.heapify(timers)
+        self._timers = timers
+        self._timers_limit = 2 * len(timers) + 1024
 
     # --- Queries -------------------------------------------------------------------------
 
@@ -353,6 +425,7 @@ class SchedulerAgent(Agent):
         ready = max(now.plant, job.ready_at)
         rnd = _Round(round_id, job.job, job.next_op, ready, now.wall + self.bid_window_seconds)
         self.rounds[round_id] = rnd
+        self._arm(rnd.deadline, _DEADLINE, round_id)
         job.round_id = round_id
         cfp = CallForProposals(
             round_id=round_id,
@@ -381,11 +454,12 @@ class SchedulerAgent(Agent):
             self._count("duplicate_bid")
             return []
         rnd.responders.append(responder)
+        held = rnd.bids
         for bid in bids:
-            if bid.machine in rnd.bids:
+            if bid.machine in held:
                 self._count("duplicate_bid")
                 continue
-            rnd.bids[bid.machine] = bid.model_dump()
+            held[bid.machine] = bid
         step = self.routes[self.jobs[rnd.job].product][rnd.op]
         expected = self.expected_responders.get(step.capability)
         if expected is not None and len(rnd.responders) >= expected:
@@ -398,26 +472,36 @@ class SchedulerAgent(Agent):
         if not rnd.bids:
             self._end(rnd, "no_bids")
             job.retry_wall = now.wall + self.retry_seconds
+            self._arm(job.retry_wall, _RETRY, job.job)
             return []
         step = self.routes[job.product][rnd.op]
-        backlog = self._backlog()
-        bids: dict[str, Bid] = {}
-        for machine, raw in rnd.bids.items():
-            bid = Bid.model_validate(raw)
-            if machine in backlog:
-                finish = max(bid.finish_at, backlog[machine] + step.processing_seconds)
-                bid = bid.model_copy(update={"finish_at": finish})
-            bids[machine] = bid
-        winner = min(bids, key=lambda m: (self.weights.score(bids[m], rnd.ready_at), m))
+        backlog = self._backlog_end
+        processing = step.processing_seconds
+        score_of = self.weights.score_of
+        ready = rnd.ready_at
+        best: tuple[float, str] | None = None
+        best_finish = 0.0
+        for machine, bid in rnd.bids.items():
+            finish = bid.finish_at
+            promised = backlog.get(machine)
+            if promised is not None:
+                finish = max(finish, promised + processing)
+            key = (score_of(finish, bid.energy_cost, bid.health_risk, ready), machine)
+            if best is None or key < best:
+                best, best_finish = key, finish
+        assert best is not None
+        winner = best[1]
         rnd.state, rnd.winner = "awarded", winner
-        rnd.expected_finish = bids[winner].finish_at
+        rnd.expected_finish = best_finish
+        self._promise(winner, rnd.round_id, best_finish)
         rnd.result_due = rnd.expected_finish + max(
             self.grace_seconds, self.grace_factor * step.processing_seconds
         )
         rnd.result_wall = plant_to_wall(rnd.result_due, now, self.speedup)
+        self._arm(rnd.result_wall, _RESULT, rnd.round_id)
         accept = Accept(round_id=rnd.round_id, machine=winner, job=rnd.job, op=rnd.op)
         out = [Outgoing(self.subjects.award(rnd.round_id), accept)]
-        losers = sorted(m for m in bids if m != winner)
+        losers = sorted(m for m in rnd.bids if m != winner)
         if losers:
             reject = Reject(round_id=rnd.round_id, machines=losers, reason="another bid won")
             out.append(Outgoing(self.subjects.award(rnd.round_id), reject))
@@ -428,13 +512,35 @@ class SchedulerAgent(Agent):
 
         Machines bid on concurrent rounds from the same queue, so one machine can win
         several rounds on one promise; the scheduler, which knows its own awards, pushes
-        such a bid's finish behind them, both to score it and to time it out.
+        such a bid's finish behind them, both to score it and to time it out. Kept up to
+        date by :meth:`_promise` and :meth:`_end` rather than computed from every round.
         """
-        ends: dict[str, float] = {}
+        return dict(self._backlog_end)
+
+    def _promise(self, machine: str, round_id: str, finish: float) -> None:
+        """Record that ``machine`` won ``round_id`` and should be done by ``finish``."""
+        self._awards.setdefault(machine, {})[round_id] = finish
+        end = self._backlog_end.get(machine)
+        self._backlog_end[machine] = finish if end is None else max(end, finish)
+
+    def _unpromise(self, rnd: _Round) -> None:
+        """Forget the award of a round that ended (done, failed or withdrawn)."""
+        if rnd.winner is None or rnd.expected_finish is None:
+            return
+        awards = self._awards.get(rnd.winner)
+        if awards is None or awards.pop(rnd.round_id, None) is None:
+            return
+        if not awards:
+            del self._awards[rnd.winner]
+            del self._backlog_end[rnd.winner]
+        elif rnd.expected_finish >= self._backlog_end[rnd.winner]:
+            self._backlog_end[rnd.winner] = max(awards.values())
+
+    def _rebuild_backlog(self) -> None:
+        self._awards, self._backlog_end = {}, {}
         for rnd in self.rounds.values():
             if rnd.winner is not None and rnd.expected_finish is not None:
-                ends[rnd.winner] = max(ends.get(rnd.winner, 0.0), rnd.expected_finish)
-        return ends
+                self._promise(rnd.winner, rnd.round_id, rnd.expected_finish)
 
     def _withdraw(self, rnd: _Round, now: Now) -> list[Outgoing]:
         """The winner sent no result in time: take the award back and announce again."""
@@ -448,6 +554,7 @@ class SchedulerAgent(Agent):
 
     def _end(self, rnd: _Round, outcome: str) -> None:
         del self.rounds[rnd.round_id]
+        self._unpromise(rnd)
         bounded_add(self.closed, rnd.round_id, self.memory, outcome)
         job = self.jobs[rnd.job]
         if job.round_id == rnd.round_id:
@@ -506,7 +613,7 @@ class SchedulerAgent(Agent):
         route = self.routes[job.product]
         rnd = self._awarded(job)
         if rnd is not None and rnd.winner is not None:
-            at = rnd.expected_finish or float(rnd.bids[rnd.winner]["finish_at"])
+            at = rnd.expected_finish or rnd.bids[rnd.winner].finish_at
             rest = route[job.next_op + 1 :]
         else:
             at = max(now.plant, job.ready_at)
@@ -519,7 +626,7 @@ class SchedulerAgent(Agent):
         return {
             "orders": {c: asdict(o) for c, o in self.orders.items()},
             "jobs": {j: asdict(s) for j, s in self.jobs.items()},
-            "rounds": {r: asdict(s) for r, s in self.rounds.items()},
+            "rounds": {r: _round_state(s) for r, s in self.rounds.items()},
             "closed": dict(self.closed),
             "completions": [asdict(c) for c in self.completions],
             "ignored": dict(self.ignored),
@@ -531,13 +638,25 @@ class SchedulerAgent(Agent):
     def restore(self, state: Mapping[str, Any]) -> None:
         self.orders = {c: _Order(**o) for c, o in state["orders"].items()}
         self.jobs = {j: _Job(**s) for j, s in state["jobs"].items()}
-        self.rounds = {r: _Round(**s) for r, s in state["rounds"].items()}
+        self.rounds = {
+            r: _Round(**{**s, "bids": {m: Bid.model_validate(b) for m, b in s["bids"].items()}})
+            for r, s in state["rounds"].items()
+        }
         self.closed = OrderedDict(state["closed"])
         self.completions = [Completion(**c) for c in state["completions"]]
         self.ignored = dict(state["ignored"])
         self.reannounced = dict(state["reannounced"])
         self._order_seq = int(state["order_seq"])
         self._round_seq = int(state["round_seq"]) + _RESTORE_GAP
+        self._rebuild_timers()
+        self._rebuild_backlog()
+
+
+def _round_state(rnd: _Round) -> dict[str, Any]:
+    """A round as JSON-able data: its bids as plain dicts."""
+    state = asdict(replace(rnd, bids={}))
+    state["bids"] = {m: b.model_dump() for m, b in rnd.bids.items()}
+    return state
 
 
 def _text(message: MessageBase) -> str:

@@ -453,6 +453,8 @@ class Bus:
         log.log(self._log_limiter.level("nats", type(error).__name__), "NATS: %r", error)
 
     async def _on_disconnected(self) -> None:
+        if self._nc is None:  # close() let go of the client: a goodbye, not a lost link
+            return
         self.stats.disconnects += 1
         log.warning("NATS link to %s lost; reconnecting", self.endpoint.url)
 
