@@ -82,6 +82,18 @@ class _Scorer(nn.Module):
     def forward(self, x: th.Tensor) -> th.Tensor:
         return self.net(x).squeeze(-1)
 
+    def load(self, policy: DispatcherPolicy) -> None:
+        """Copy ``policy``'s weights in (fine-tuning); the layer shapes must match."""
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        shapes = [(m.in_features, m.out_features) for m in linears]
+        given = [w.shape for w, _ in policy.layers]
+        if given != shapes:
+            raise ValueError(f"init weights have layers {given}; this network has {shapes}")
+        with th.no_grad():
+            for m, (w, b) in zip(linears, policy.layers, strict=True):
+                m.weight.copy_(th.from_numpy(w.T.copy()))
+                m.bias.copy_(th.from_numpy(b.copy()))
+
     def snapshot(self) -> DispatcherPolicy:
         """A numpy copy of the current weights."""
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
@@ -157,6 +169,7 @@ def train_self_labeling(
     seed: int = 0,
     max_seconds: float | None = None,
     max_env_steps: int | None = None,
+    init: DispatcherPolicy | None = None,
     on_iteration: Callable[[TrainStats], None] | None = None,
 ) -> DispatcherPolicy:
     """Train a dispatcher by self-labeling on random Taillard-style instances.
@@ -177,6 +190,8 @@ def train_self_labeling(
         seed: Seeds torch, the instance draws and the sampling.
         max_seconds: Stop once this much wall time has passed.
         max_env_steps: Stop once this many environment steps have been simulated.
+        init: Start from these weights (fine-tuning) instead of random ones and the
+            imitation warm start; its hidden width must equal ``hidden``.
         on_iteration: Called after every iteration (progress bars, logs).
 
     Returns:
@@ -211,6 +226,9 @@ def train_self_labeling(
     th.manual_seed(seed)
     rng = np.random.default_rng(seed)
     module = _Scorer(hidden)
+    if init is not None:
+        module.load(init)
+        imitation_instances = 0
     optimizer = th.optim.Adam(module.parameters(), lr=lr)
     started = time.perf_counter()
 
@@ -292,6 +310,7 @@ def train_self_labeling(
             "hidden": hidden,
             "lr": lr,
             "imitation_instances": imitation_instances,
+            "init": None if init is None else init.meta.get("source", "given weights"),
             "validation_instances_per_size": validation_instances_per_size,
             "validate_every": validate_every,
         },
@@ -313,6 +332,7 @@ HYPERPARAMS: dict[str, str] = {
     "validation_instances_per_size": "an integer >= 0",
     "validate_every": "an integer >= 1: iterations between validations",
     "max_seconds": "a number > 0, or null for no time limit",
+    "init": "a dispatcher to fine-tune: 'default', a .npz or a self_labeling run folder",
 }
 
 
@@ -329,6 +349,8 @@ def _valid(key: str, value: Any) -> bool:
         return number(value)
     if key == "max_seconds":
         return value is None or number(value)
+    if key == "init":
+        return isinstance(value, str) and bool(value)
     if key == "sizes":
         return (
             isinstance(value, list)

@@ -490,6 +490,7 @@ def _check_self_labeling(spec: TrainSpec) -> _Plan:
         )
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
+    _init_dispatcher(settings.get("init"))  # a bad init fails here, before any folder exists
     n_timesteps = settings.pop("n_timesteps", None)
     if n_timesteps is None:
         raise TrainingError("number of timesteps must be given (-n or n_timesteps)")
@@ -777,6 +778,7 @@ def _train_self_labeling(
             seed=spec.seed,
             max_seconds=settings.get("max_seconds"),
             max_env_steps=plan.n_timesteps,
+            init=_init_dispatcher(settings.get("init")),
             on_iteration=on_iteration,
         )
     finally:
@@ -813,6 +815,24 @@ def _train_self_labeling(
         mean_makespan=float(np.mean(makespans)) if makespans else None,
         warnings=warnings,
     )
+
+
+def _init_dispatcher(source: str | None) -> Any:
+    """The ``init`` hyperparameter: a dispatcher to fine-tune, through the one loader."""
+    if source is None:
+        return None
+    from autofab.agents.policies.artifacts import PolicyLoadError, load_policy
+    from autofab.agents.policies.dispatcher import DEFAULT_DISPATCHER, DispatcherPolicy
+
+    path = DEFAULT_DISPATCHER if source == "default" else Path(source)
+    try:
+        policy = load_policy(path)
+    except PolicyLoadError as exc:
+        raise TrainingError(f"self_labeling init: {exc}") from None
+    if not isinstance(policy, DispatcherPolicy):
+        raise TrainingError(f"self_labeling init {source!r} is not a dispatcher")
+    policy.meta["source"] = str(path)
+    return policy
 
 
 def spec_dict(spec: TrainSpec) -> dict[str, Any]:

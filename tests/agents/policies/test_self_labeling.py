@@ -224,6 +224,7 @@ def test_a_self_labeling_run_leaves_a_loadable_run_folder(tmp_path: Path) -> Non
         ({"hyperparams": {"samples": 0}}, "samples=0: must be an integer >= 1"),
         ({"hyperparams": {"gamma": 0.9}}, "no hyperparameter(s) ['gamma']"),
         ({"hyperparams": {"sizes": [[3]]}}, "list of [jobs, machines] pairs"),
+        ({"hyperparams": {"init": "nope.npz"}}, "self_labeling init: 'nope.npz' does not exist"),
     ],
 )
 def test_bad_self_labeling_input_is_refused_before_a_folder_exists(
@@ -232,6 +233,22 @@ def test_bad_self_labeling_input_is_refused_before_a_folder_exists(
     with pytest.raises(TrainingError, match=re.escape(message)):
         train_one(_spec(tmp_path, **changes))
     assert not (tmp_path / "runs").exists()
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path) -> None:
+    shipped = load_policy(DEFAULT_DISPATCHER)
+    assert isinstance(shipped, DispatcherPolicy)
+    same = self_labeling.train_self_labeling(
+        iterations=0, init=shipped, validation_instances_per_size=0
+    )
+    for (w, b), (w2, b2) in zip(shipped.layers, same.layers, strict=True):
+        np.testing.assert_allclose(w, w2, rtol=1e-6)
+        np.testing.assert_allclose(b, b2, rtol=1e-6)
+    with pytest.raises(ValueError, match="init weights have layers"):
+        self_labeling.train_self_labeling(iterations=0, init=shipped, hidden=8)
+    result = train_one(_spec(tmp_path, hyperparams={"init": "default", "samples": 2}))
+    tuned = load_dispatcher(Path(result.run_dir) / "model.npz")
+    assert tuned.meta["settings"]["init"] == str(DEFAULT_DISPATCHER)
 
 
 def test_the_shipped_config_is_valid() -> None:
