@@ -43,8 +43,10 @@ from autofab.envs.plant import PlantConfig, compile_plant
 __all__ = [
     "FaultModel",
     "PlantWorld",
+    "PlantWorldContext",
     "RandomFaults",
     "Scenario",
+    "plant_agent_factories",
     "subject_matches",
 ]
 
@@ -309,27 +311,15 @@ class Scenario:
         round robin over ``hosts`` hosts (named ``host-1``...). Keyword mappings go to the
         agents' constructors."""
         scenario = cls(speedup=speedup, faults=faults)
-        names = compile_plant(config).machine_names
-        groups = [list(names[i::hosts]) for i in range(hosts) if names[i::hosts]]
-        machine_kw = {"speedup": speedup, **dict(machine or {})}
-        factories: dict[str, Callable[[], Agent]] = {
-            f"host-{i + 1}": partial(
-                MachineHost.from_plant, f"host-{i + 1}", config, group, **machine_kw
-            )
-            for i, group in enumerate(groups)
-        }
-        built = [factory() for factory in factories.values()]
-        expected: dict[str, int] = {}
-        for host in built:
-            assert isinstance(host, MachineHost)
-            for capability in host.capabilities:
-                expected[capability] = expected.get(capability, 0) + 1
-        settings = {"expected_responders": expected, "speedup": speedup, **dict(scheduler or {})}
-        factories["scheduler"] = partial(SchedulerAgent.from_plant, "scheduler", config, **settings)
-        factories["energy"] = partial(
-            EnergyAgent.from_plant, "energy", config, speedup=speedup, **dict(energy or {})
+        factories = plant_agent_factories(
+            config,
+            hosts=hosts,
+            speedup=speedup,
+            scheduler=scheduler,
+            machine=machine,
+            energy=energy,
         )
-        factories["supply"] = partial(SupplyAgent.from_plant, "supply", config, speedup=speedup)
+        built = [factories[name]() for name in factories if name.startswith("host-")]
         for agent in built:
             scenario.add(agent)
         for name in ("scheduler", "energy", "supply"):
@@ -337,6 +327,67 @@ class Scenario:
         scenario.factories.update(factories)
         scenario.add(PlantWorld("plant", Subjects(config.name), scenario, failures=failures))
         return scenario
+
+
+def plant_agent_factories(
+    config: PlantConfig,
+    *,
+    hosts: int = 1,
+    speedup: float = 60.0,
+    scheduler: Mapping[str, Any] | None = None,
+    machine: Mapping[str, Any] | None = None,
+    energy: Mapping[str, Any] | None = None,
+    scheduler_class: type[SchedulerAgent] = SchedulerAgent,
+) -> dict[str, Callable[[], Agent]]:
+    """How to build each agent of ``config``, by name: ``host-1``... (the machines split
+    round robin over ``hosts`` hosts), ``scheduler``, ``energy`` and ``supply``.
+
+    Factories, not agents, because a runtime rebuilds an agent to restart it from its
+    snapshot. The in-memory :class:`Scenario` and ``autofab negotiate`` over NATS both
+    build their plant here, so they run the same agents with the same settings. The
+    scheduler is told how many hosts hear each capability (``expected_responders``), so a
+    round closes as soon as every host has bid. Keyword mappings go to the agents'
+    constructors; ``scheduler_class`` may be a subclass (one that records awards, say).
+    """
+    if hosts < 1:
+        raise ValueError(f"hosts must be at least 1, got {hosts}")
+    names = compile_plant(config).machine_names
+    groups = [list(names[i::hosts]) for i in range(hosts) if names[i::hosts]]
+    machine_kw = {"speedup": speedup, **dict(machine or {})}
+    factories: dict[str, Callable[[], Agent]] = {
+        f"host-{i + 1}": partial(
+            MachineHost.from_plant, f"host-{i + 1}", config, group, **machine_kw
+        )
+        for i, group in enumerate(groups)
+    }
+    expected: dict[str, int] = {}
+    for factory in list(factories.values()):
+        host = factory()
+        assert isinstance(host, MachineHost)
+        for capability in host.capabilities:
+            expected[capability] = expected.get(capability, 0) + 1
+    settings = {"expected_responders": expected, "speedup": speedup, **dict(scheduler or {})}
+    factories["scheduler"] = partial(scheduler_class.from_plant, "scheduler", config, **settings)
+    factories["energy"] = partial(
+        EnergyAgent.from_plant, "energy", config, speedup=speedup, **dict(energy or {})
+    )
+    factories["supply"] = partial(SupplyAgent.from_plant, "supply", config, speedup=speedup)
+    return factories
+
+
+class PlantWorldContext(Protocol):
+    """What :class:`PlantWorld` needs from whatever runs it: the machine agents it drives
+    and the plant clock. :class:`Scenario` is one (simulated time); ``autofab negotiate``
+    provides another over NATS (a :class:`~autofab.control.bus.SpeedupClock`), so the world's
+    logic is written once."""
+
+    def machine(self, name: str) -> MachineAgent:
+        """The live agent of machine ``name`` (alone or in a host)."""
+        ...
+
+    def wall_at(self, plant: float) -> float:
+        """The wall time at which plant time reaches ``plant``."""
+        ...
 
 
 @dataclass
@@ -362,7 +413,7 @@ class PlantWorld(Agent):
         self,
         name: str,
         subjects: Subjects,
-        scenario: Scenario,
+        scenario: PlantWorldContext,
         *,
         failures: Callable[[str, Task], float | None] | None = None,
         repair_seconds: float = 1800.0,
