@@ -395,8 +395,16 @@ class Bus:
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
         }
+        # With reconnects forever, nats-py also retries the *first* connection forever;
+        # the deadline turns a wrong URL or password into an error instead of a hang.
+        deadline = s.connect_timeout_s * 3
         try:
-            self._nc = await nats.connect(**options)
+            self._nc = await asyncio.wait_for(nats.connect(**options), deadline)
+        except TimeoutError:
+            raise ConnectionError(
+                f"could not connect to NATS at {self.endpoint.url} within {deadline:g} s (is "
+                "the server running, and are the user and password right?)"
+            ) from None
         except (*_LINK_ERRORS, nats.errors.NoServersError) as error:
             raise ConnectionError(
                 f"could not connect to NATS at {self.endpoint.url}: {error!r}"
@@ -719,9 +727,7 @@ class AgentRunner:
         tasks = [h.timer_task for h in self._hosted if h.timer_task is not None]
         if self._writer_task is not None:
             tasks.append(self._writer_task)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_until_done(tasks)
         for hosted in self._hosted:
             hosted.timer_task = None
         self._writer_task = None
@@ -973,3 +979,18 @@ class AgentRunner:
             entry.revision,
             self.state_bucket,
         )
+
+
+async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while any is still running.
+
+    On Python 3.11, ``asyncio.wait_for`` (in the timer loop, and inside nats-py's requests)
+    can swallow a cancellation that lands just as its inner wait completes, and the task
+    then waits on: one cancel is not always enough.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -869,23 +869,8 @@ class Negotiation:
 
 
 async def _stop_runner(runner: AgentRunner) -> None:
-    """``runner.stop()``, made sure to end.
-
-    On Python 3.11, ``asyncio.wait_for`` (inside nats-py's requests and the runner's timer
-    wait) can swallow a cancellation that lands as its inner wait completes; the runner's
-    state writer or a timer task then never ends and ``stop()`` waits on it forever. Until
-    the runner guards against that itself, its tasks are cancelled again while it stops.
-    """
-    stopping = asyncio.ensure_future(runner.stop())
-    while not stopping.done():
-        await asyncio.wait({stopping}, timeout=0.5)
-        if stopping.done():
-            break
-        stuck = [runner._writer_task, *(hosted.timer_task for hosted in runner._hosted)]
-        for task in stuck:
-            if task is not None and not task.done():
-                task.cancel()
-    await stopping
+    """Stop a runner (it cancels its own tasks until they end)."""
+    await runner.stop()
 
 
 def _by_reason(counter: Mapping[tuple[str, str], int]) -> dict[str, int]:

@@ -685,3 +685,15 @@ def test_a_conflicting_write_reloads_the_stored_state(
             assert bus.stats.state_conflicts["counter"] == 1
 
     asyncio.run(main())
+
+
+def test_a_wrong_password_or_dead_server_is_a_connection_error(server: EmbeddedNats) -> None:
+    """The first connection has a deadline: no hang on a bad password or a closed port."""
+    settings = BusSettings(connect_timeout_s=0.3)
+    wrong = NatsEndpoint(server.url, server.user, "not-the-password")
+    dead = NatsEndpoint("nats://127.0.0.1:1", server.user, server.password)
+    for endpoint in (wrong, dead):
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="could not connect to NATS"):
+            asyncio.run(Bus(endpoint, settings=settings).connect())
+        assert time.monotonic() - started < 5
