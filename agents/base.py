@@ -76,6 +76,13 @@ class Agent(ABC):
     def __init__(self, name: str) -> None:
         #: The agent's name: a subject token, unique in the plant; its KV key.
         self.name = check_token(name, "agent name")
+        #: Valid messages that made no sense when they came (a late bid, a duplicate),
+        #: counted by reason: ignored, never an error.
+        self.ignored: dict[str, int] = {}
+
+    def _count(self, reason: str) -> None:
+        """Count one ignored message under ``reason``."""
+        self.ignored[reason] = self.ignored.get(reason, 0) + 1
 
     @abstractmethod
     def subscriptions(self) -> list[Subscription]:

@@ -158,7 +158,6 @@ class EnergyAgent(Agent):
         self.grants: dict[str, _Grant] = {}
         self.waiting: dict[str, _Waiting] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
-        self.ignored: dict[str, int] = {}
         self._next_timer: float | None = None
 
     @classmethod
@@ -200,9 +199,6 @@ class EnergyAgent(Agent):
     def on_timer(self, now: Now) -> list[Outgoing]:
         self._expire(now)
         return []
-
-    def _count(self, reason: str) -> None:
-        self.ignored[reason] = self.ignored.get(reason, 0) + 1
 
     def _request(self, req: PowerRequest, now: Now, reply_to: str | None) -> list[Outgoing]:
         to = reply_to or self.subjects.energy_reply(req.machine)

@@ -165,7 +165,6 @@ class MachineAgent(Agent):
         self.closed: OrderedDict[str, None] = OrderedDict()
         #: Material reservations used up by an operation that started: never released.
         self.consumed: OrderedDict[str, None] = OrderedDict()
-        self.ignored: dict[str, int] = {}
         self.completed = 0
         self._seq = 0
         self._next_report: float | None = 0.0
@@ -375,9 +374,6 @@ class MachineAgent(Agent):
         self.health = min(max(health, 0.0), 1.0)
 
     # --- Internals ---------------------------------------------------------------------
-
-    def _count(self, reason: str) -> None:
-        self.ignored[reason] = self.ignored.get(reason, 0) + 1
 
     def _accept(self, acc: Accept, now: Now) -> list[Outgoing]:
         if acc.round_id in self.closed or any(t.round_id == acc.round_id for t in self.queue):

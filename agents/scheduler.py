@@ -211,7 +211,6 @@ class SchedulerAgent(Agent):
         #: Closed rounds and how they ended ("done", "failed", "timeout", "no_bids").
         self.closed: OrderedDict[str, str] = OrderedDict()
         self.completions: list[Completion] = []
-        self.ignored: dict[str, int] = {}
         self.reannounced: dict[str, int] = {}
         self._order_seq = 0
         self._round_seq = 0

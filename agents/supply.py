@@ -99,7 +99,6 @@ class SupplyAgent(Agent):
         self.pending: list[Delivery] = []
         self.reservations: dict[str, _Reservation] = {}
         self.released: OrderedDict[str, None] = OrderedDict()
-        self.ignored: dict[str, int] = {}
         self._reorders_due: list[MaterialReorder] = []
         self._timer_wall: float | None = None
 
@@ -150,9 +149,6 @@ class SupplyAgent(Agent):
         """Inventory position: stock on hand plus deliveries on their way."""
         on_the_way = sum(d.quantity for d in self.pending if d.material == material)
         return self.stock[material] + on_the_way
-
-    def _count(self, reason: str) -> None:
-        self.ignored[reason] = self.ignored.get(reason, 0) + 1
 
     def _reserve(self, req: MaterialReserve, now: Now, reply_to: str | None) -> list[Outgoing]:
         to = reply_to or self.subjects.material_reply(req.machine)
