@@ -511,6 +511,7 @@ from autofab.control.evaluate_cmd import evaluate as _evaluate  # noqa: E402
 from autofab.control.negotiate_cmd import negotiate as _negotiate  # noqa: E402
 from autofab.control.order_cmd import order_app as _order_app  # noqa: E402
 from autofab.control.plant_cmd import plant_app as _plant_app  # noqa: E402
+from autofab.control.supervisor_cmd import supervisor_app as _supervisor_app  # noqa: E402
 from autofab.control.train_cmd import train as _train  # noqa: E402
 
 app.command("train")(_train)
@@ -518,6 +519,7 @@ app.command("evaluate")(_evaluate)
 app.command("negotiate")(_negotiate)
 app.add_typer(_order_app, name="order")
 app.add_typer(_plant_app, name="plant")
+app.add_typer(_supervisor_app, name="supervisor")
 
 
 if __name__ == "__main__":

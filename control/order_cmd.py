@@ -126,7 +126,7 @@ def load_order_file(path: Path) -> OrderSubmit:
 
 
 @contextlib.contextmanager
-def _quiet_bus() -> Iterator[None]:
+def quiet_bus() -> Iterator[None]:
     """Keep the bus's reconnect warnings off the terminal: a CLI reports one line."""
     logger = logging.getLogger("autofab.control.bus")
     level = logger.level
@@ -137,7 +137,7 @@ def _quiet_bus() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _endpoint(
+def plant_endpoint(
     plant: str, nats_url: str | None, user: str | None, password: str | None
 ) -> NatsEndpoint:
     """Where to send: ``--nats-url``, else the plant's runtime file (exit 2 if none)."""
@@ -174,7 +174,7 @@ def _request(
     endpoint: NatsEndpoint, subject: str, message: MessageBase, timeout: float
 ) -> MessageBase:
     """Send ``message`` and return the answer; exit 2 when none comes."""
-    with _quiet_bus():
+    with quiet_bus():
         try:
             answer = asyncio.run(_ask(endpoint, subject, message, timeout))
         except ConnectionError as error:  # BusDisconnectedError is one
@@ -221,7 +221,7 @@ def submit(
         order = load_order_file(file)
     except ValueError as error:
         fail(str(error))
-    endpoint = _endpoint(plant, nats_url, user, password)
+    endpoint = plant_endpoint(plant, nats_url, user, password)
     subject = Subjects(plant).orders_submit
     answer = _request(endpoint, subject, order, timeout)
     if not isinstance(answer, OrderAck | OrderRefused):
@@ -260,7 +260,7 @@ def status(
         query = OrderStatusQuery(client_order_id=order_id)
     except ValueError:
         fail(f"ORDER_ID {order_id!r} is not a valid client order id (a subject token)")
-    endpoint = _endpoint(plant, nats_url, user, password)
+    endpoint = plant_endpoint(plant, nats_url, user, password)
     answer = _request(endpoint, Subjects(plant).orders_query, query, timeout)
     if not isinstance(answer, OrderStatus):
         _unexpected(answer)

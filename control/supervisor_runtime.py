@@ -1,0 +1,813 @@
+"""The safety supervisor at run time: NATS in, checks, batched OPC UA writes out, audit.
+
+:mod:`autofab.control.supervisor` decides; this module does the I/O around it, and is the
+only component that holds the plant's write credentials (:mod:`.opcua.writer`).
+
+Intake and batching
+-------------------
+Setpoint requests arrive on ``Subjects(plant).setpoint_request``. A request whose
+``Autofab-Expires`` header has passed, or that does not decode, is rejected and audited at
+once and never queued. The rest go to a queue; the batch loop takes the first, waits at
+most ``batch_window_s`` (5 ms) or until ``batch_max`` requests for more, and runs
+:func:`~autofab.control.supervisor.decide_batch` on them in arrival order, so one OPC UA
+Write carries a burst of requests and the power cap sees them together.
+
+Latest value only, never stale
+------------------------------
+What passes the checks goes into ``pending``, keyed by (machine, variable), holding only the
+newest value with its expiry: a newer decision for the same variable *supersedes* the
+older (audited as such), so nothing queues up. A flush writes every pending value still
+inside its TTL in one ``write_values`` call, reads them back in one ``read_values`` call,
+and audits each with its write status and read-back (``mismatch`` when they differ). While
+the OPC UA link is down the flush waits; when it comes back the supervisor first reads the
+plant's speeds and run switches into its state (the plant may have gone to its safe state,
+or been restarted), then writes only pending values that are still valid. Values that
+expired meanwhile are audited as ``expired_unwritten`` and never written. An emergency
+stop's writes have no expiry: they are written whenever the plant is reachable.
+
+Heartbeat and link
+------------------
+Every ``heartbeat_interval_s`` (0.5 s; the twin's watchdog default is 5 s) the supervisor
+writes an incrementing ``watchdog_heartbeat`` (starting from the wall clock in
+milliseconds, so a restarted supervisor never repeats its predecessor's last value) and
+reads every machine's ``state`` into its interlocks (:func:`observe_status`). If it finds
+the plant's ``watchdog_alarm`` set before its beat (the heartbeat had stalled), it reads
+the plant's latched safe setpoints back into its state, as after a reconnect. This also
+probes the link: any exception from the writer marks it lost, and the link loop reconnects
+with exponential backoff (``reconnect_min_s`` doubling to ``reconnect_max_s``).
+
+Audit
+-----
+Every decision becomes an :class:`AuditRecord` on the JetStream stream
+:func:`audit_stream_name` (``AUTOFAB_<PLANT>_AUDIT``), subject
+``autofab.<plant>.audit.setpoint`` for requests and ``...audit.operator`` for operator
+commands. Records are published by their own task with JetStream acknowledgements, so a
+slow or absent NATS never delays a plant write; a record that cannot be stored is counted
+(``stats.audit_failed``) and logged. The last records are also kept in memory
+(:attr:`SupervisorRuntime.audit_log`).
+
+Operator commands and their authentication
+-------------------------------------------
+Operators send an :class:`OperatorCommand` by NATS request/reply on
+:func:`operator_subject` (``autofab.<plant>.supervisor.command``): hold or release a
+machine (manual override), engage or release the emergency stop. NATS credentials alone
+are not enough, because every agent shares the bus: each command carries the supervisor's
+operator token, compared in constant time. The token is configured, or generated once per
+plant into a file readable only by this user (:func:`ensure_operator_token`), which
+``autofab supervisor`` reads; whoever can read that file can stop the plant. A command
+whose request deadline (``Autofab-Expires``) has passed is ignored, so a command buffered
+during a NATS reconnect is not applied after its sender gave up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Literal, Self
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from autofab.agents.protocol import (
+    MessageBase,
+    ProtocolError,
+    SetpointRequest,
+    Subjects,
+    Text,
+    Token,
+    decode,
+    encode,
+)
+from autofab.control.bus import EXPIRES_HEADER, Bus, BusSettings
+from autofab.control.natsd import NatsEndpoint
+from autofab.control.opcua.nodemap import NodeMap
+from autofab.control.opcua.writer import PlantCredentials, PlantWriter
+from autofab.control.supervisor import (
+    Applied,
+    Decision,
+    SetpointValue,
+    SupervisorLimits,
+    SupervisorState,
+    decide_batch,
+    engage_estop,
+    hold_override,
+    initial_state,
+    observe_status,
+    release_estop,
+    release_override,
+)
+
+__all__ = [
+    "AuditRecord",
+    "OperatorCommand",
+    "OperatorReply",
+    "SupervisorRuntime",
+    "SupervisorSettings",
+    "SupervisorStats",
+    "audit_stream_name",
+    "audit_subject",
+    "ensure_operator_token",
+    "operator_subject",
+    "operator_token_file",
+    "read_operator_token",
+]
+
+log = logging.getLogger(__name__)
+
+OperatorAction = Literal["override_hold", "override_release", "estop_engage", "estop_release"]
+#: What became of an applied or clamped value on its way to the plant.
+WriteStatus = Literal["written", "superseded", "expired_unwritten"]
+_QUEUE_MAX: Final = 10_000
+
+
+# --- names ------------------------------------------------------------------------------
+
+
+def operator_subject(plant: str) -> str:
+    """Where operator commands go (request/reply): ``autofab.<plant>.supervisor.command``."""
+    return f"{Subjects(plant).prefix}.supervisor.command"
+
+
+def audit_subject(plant: str, kind: Literal["setpoint", "operator"]) -> str:
+    """``autofab.<plant>.audit.setpoint`` or ``...audit.operator``."""
+    return f"{Subjects(plant).prefix}.audit.{kind}"
+
+
+def audit_stream_name(plant: str) -> str:
+    """The JetStream stream of a plant's audit trail: ``AUTOFAB_<PLANT>_AUDIT`` (characters
+    a stream name cannot hold become ``_``)."""
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in plant.upper())
+    return f"AUTOFAB_{safe}_AUDIT"
+
+
+def operator_token_file(plant: str) -> Path:
+    """Where the plant's generated operator token lives, beside the runtime files."""
+    from autofab.control.negotiate_cmd import runtime_dir
+
+    return runtime_dir() / f"{plant}.operator-token"
+
+
+def ensure_operator_token(plant: str) -> str:
+    """The plant's operator token, generated (mode 0600) on first use."""
+    path = operator_token_file(plant)
+    with contextlib.suppress(FileNotFoundError):
+        return read_operator_token(plant)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.write(token + "\n")
+    return token
+
+
+def read_operator_token(plant: str) -> str:
+    """The plant's operator token; FileNotFoundError if none was generated, ValueError if
+    the file is readable by others (it may have leaked)."""
+    path = operator_token_file(plant)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"{path} is readable by other users (mode {mode:o}); expected 0600")
+    return path.read_text(encoding="utf-8").strip()
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+class OperatorCommand(MessageBase):
+    """An operator's command to the supervisor. ``machine`` is needed for the override
+    actions; ``token`` proves the sender may command the plant."""
+
+    type: Literal["operator_command"] = "operator_command"
+    request_id: Token
+    action: OperatorAction
+    machine: Token | None = None
+    operator: Token = "operator"
+    token: Text
+
+
+class OperatorReply(MessageBase):
+    """The supervisor's answer: whether the command was applied, and the state after it."""
+
+    type: Literal["operator_reply"] = "operator_reply"
+    request_id: str
+    ok: bool
+    detail: Text
+    estop: bool
+    overrides: dict[str, str]
+
+
+class AuditRecord(MessageBase):
+    """One decision of the supervisor, as stored on the audit stream.
+
+    For a setpoint: the request, the outcome and reason of the checks, the value written
+    (``None`` when rejected), the OPC UA write status and the read-back. For an operator
+    command: ``variable`` is the action and ``origin`` the operator.
+    """
+
+    type: Literal["supervisor_audit"] = "supervisor_audit"
+    kind: Literal["setpoint", "operator"]
+    request_id: str
+    machine: str | None
+    variable: str | None
+    origin: str
+    requested: float | bool | str | None
+    outcome: str
+    value: float | bool | None
+    reason: str
+    detail: str
+    decided_at: float
+    write_status: str | None = None
+    read_back: float | bool | str | None = None
+    mismatch: bool = False
+
+
+def _jsonable(value: object) -> float | bool | str | None:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else repr(float(value))
+    return repr(value)[:200]
+
+
+# --- settings and stats -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """Timing of the runtime; the module docstring says why each default is what it is."""
+
+    batch_window_s: float = 0.005
+    batch_max: int = 256
+    heartbeat_interval_s: float = 0.5
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 5.0
+    #: Read-back of a float counts as equal within this (a Float node rounds a Double).
+    readback_tolerance: float = 1e-5
+    audit_keep: int = 1000
+
+    def __post_init__(self) -> None:
+        for key in ("batch_window_s", "heartbeat_interval_s", "reconnect_min_s"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"SupervisorSettings.{key}: expected seconds > 0, got {value!r}")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"SupervisorSettings.reconnect_max_s ({self.reconnect_max_s}) must be >= "
+                f"reconnect_min_s ({self.reconnect_min_s})"
+            )
+        if self.batch_max < 1:
+            raise ValueError(f"SupervisorSettings.batch_max: expected >= 1, got {self.batch_max}")
+
+
+@dataclass
+class SupervisorStats:
+    """Counters for logs, tests and metrics; every key is from a fixed set."""
+
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    writes: Counter[str] = field(default_factory=Counter)
+    write_batches: int = 0
+    mismatches: int = 0
+    heartbeats: int = 0
+    #: Heartbeat ticks that found the plant's watchdog alarm set (it had gone safe).
+    watchdog_alarms: int = 0
+    connects: int = 0
+    link_losses: int = 0
+    audit_published: int = 0
+    audit_failed: int = 0
+    operator_commands: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """The newest value for one machine variable, waiting to be written."""
+
+    value: SetpointValue
+    expires_at: float
+    decision: Decision
+    decided_at: float
+
+
+# --- the runtime --------------------------------------------------------------------------
+
+
+class SupervisorRuntime:
+    """The supervisor process: use ``async with SupervisorRuntime(...) as sup:``.
+
+    Args:
+        limits: what the checks compare against (:meth:`SupervisorLimits.from_plant`).
+        nodemap: where the plant's variables are; its endpoint is the plant's.
+        credentials: the plant write login and client certificate.
+        nats: the bus to take requests from and audit to.
+        operator_token: the secret operator commands must carry.
+        plant: the plant name in subjects (default: the node map's).
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: SupervisorLimits,
+        nodemap: NodeMap,
+        credentials: PlantCredentials,
+        nats: NatsEndpoint,
+        operator_token: str,
+        plant: str | None = None,
+        settings: SupervisorSettings | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not operator_token:
+            raise ValueError("operator_token: expected a non-empty secret")
+        self.plant = plant or nodemap.plant
+        self.subjects = Subjects(self.plant)
+        self.limits = limits
+        self.nodemap = nodemap
+        self.settings = settings or SupervisorSettings()
+        self.wall = wall_clock
+        self.writer = PlantWriter(nodemap, credentials)
+        self.bus = Bus(nats, settings=BusSettings(name=f"autofab-supervisor-{self.plant}"))
+        self.state: SupervisorState = initial_state(limits, wall_clock())
+        self.pending: dict[tuple[str, str], _Pending] = {}
+        self.stats = SupervisorStats()
+        self.audit_log: deque[AuditRecord] = deque(maxlen=self.settings.audit_keep)
+        #: Set False to stop sending heartbeats (tests of the plant's watchdog).
+        self.heartbeat_enabled = True
+        self._token = operator_token
+        self._queue: asyncio.Queue[SetpointRequest] = asyncio.Queue(_QUEUE_MAX)
+        self._audit_queue: asyncio.Queue[AuditRecord] = asyncio.Queue(_QUEUE_MAX)
+        self._io = asyncio.Lock()
+        self._up = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._beat = int(wall_clock() * 1000)
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        for machine in limits.machines:
+            nodemap.node_id(machine, "speed_setpoint")  # every machine must be in the map
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect to NATS, make the audit stream, subscribe, and start connecting to the
+        plant (in the background: use :meth:`wait_connected` to wait for it)."""
+        await self.bus.connect()
+        js = self.bus.client.jetstream()
+        name = audit_stream_name(self.plant)
+        subjects = [f"{self.subjects.prefix}.audit.>"]
+        try:
+            await js.add_stream(name=name, subjects=subjects, description="supervisor audit")
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(name=name, subjects=subjects)
+        nc = self.bus.client
+        self._subs = [
+            await nc.subscribe(self.subjects.setpoint_request, cb=self._on_setpoint),
+            await nc.subscribe(operator_subject(self.plant), cb=self._on_operator),
+        ]
+        await self.bus.flush()
+        for coro, name in (
+            (self._link_loop(), "link"),
+            (self._batch_loop(), "batch"),
+            (self._heartbeat_loop(), "heartbeat"),
+            (self._audit_loop(), "audit"),
+        ):
+            self._tasks.append(asyncio.create_task(coro, name=f"supervisor-{name}"))
+
+    async def stop(self) -> None:
+        """Stop the loops, publish the audit records still queued, and disconnect."""
+        for task in self._tasks[:3]:
+            task.cancel()
+        for task in self._tasks[:3]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if len(self._tasks) > 3:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._audit_queue.join(), 2.0)
+            self._tasks[3].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tasks[3]
+        self._tasks.clear()
+        await self.writer.disconnect()
+        await self.bus.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the plant link is up now."""
+        return self._up.is_set()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Wait until the plant link is up (TimeoutError after ``timeout``)."""
+        await asyncio.wait_for(self._up.wait(), timeout)
+
+    # -- plant link ----------------------------------------------------------------------
+
+    def _link_lost(self, error: BaseException) -> None:
+        if self._up.is_set():
+            self.stats.link_losses += 1
+            log.warning("plant %s: OPC UA link lost (%r); reconnecting", self.plant, error)
+        self._up.clear()
+        self._lost.set()
+
+    async def _link_loop(self) -> None:
+        delay = self.settings.reconnect_min_s
+        while True:
+            try:
+                async with self._io:
+                    await self.writer.connect()
+                    await self._sync_from_plant()
+                    await self._send_heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.info("plant %s: cannot connect (%r); retry in %.1f s", self.plant, error, delay)
+                await self.writer.disconnect()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+                continue
+            delay = self.settings.reconnect_min_s
+            self.stats.connects += 1
+            self._lost.clear()
+            self._up.set()
+            log.info("plant %s: connected to %s", self.plant, self.writer.endpoint)
+            await self._flush()
+            await self._lost.wait()
+            await self.writer.disconnect()
+
+    async def _sync_from_plant(self) -> None:
+        """Take the plant's speeds and run switches as the applied values (it may have
+        gone to its safe state or restarted while we were away); pending values win, since
+        they are about to be written."""
+        machines = list(self.limits.machines)
+        targets = [(m, v) for m in machines for v in ("speed_setpoint", "run")]
+        values = await self.writer.read(targets)
+        now = self.wall()
+        applied = dict(self.state.applied)
+        for key, value in zip(targets, values, strict=True):
+            if key in self.pending or value is None:
+                continue
+            old = applied[key]
+            plant_value = bool(value) if key[1] == "run" else float(value)
+            applied[key] = Applied(plant_value, old.requested_at, now)
+        self.state = replace(self.state, applied=MappingProxyType(applied))
+
+    async def _send_heartbeat(self) -> None:
+        self._beat += 1
+        status = await self.writer.heartbeat(self._beat)
+        if not status.is_good():
+            log.warning("plant %s: heartbeat refused: %s", self.plant, status.name)
+        self.stats.heartbeats += 1
+
+    async def _heartbeat_loop(self) -> None:
+        machines = list(self.limits.machines)
+        state_targets = [(m, "state") for m in machines]
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            if not self._up.is_set() or not self.heartbeat_enabled:
+                continue
+            try:
+                async with self._io:
+                    (alarm,) = await self.writer.read_plant(["watchdog_alarm"])
+                    await self._send_heartbeat()
+                    codes = await self.writer.read(state_targets)
+                    if alarm:
+                        # The plant went to its safe state (latched) while we were quiet:
+                        # what it holds now, not what we last wrote, is the truth.
+                        self.stats.watchdog_alarms += 1
+                        log.warning("plant %s: watchdog alarm seen; resynchronising", self.plant)
+                        await self._sync_from_plant()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self._link_lost(error)
+                continue
+            for machine, code in zip(machines, codes, strict=True):
+                try:
+                    self.state = observe_status(self.state, machine, int(code))
+                except (TypeError, ValueError) as error:
+                    log.debug("plant %s: status of %s: %s", self.plant, machine, error)
+
+    # -- setpoints -----------------------------------------------------------------------
+
+    async def _on_setpoint(self, msg: Msg) -> None:
+        now = self.wall()
+        topic = self.subjects.setpoint_request
+        try:
+            header = (msg.headers or {}).get(EXPIRES_HEADER)
+            expired = header is not None and not (float(header) > now)
+            request = decode(topic, msg.data, SetpointRequest)
+        except (ProtocolError, ValueError) as error:
+            reason = error.reason if isinstance(error, ProtocolError) else "bad_header"
+            self._audit_refused(msg.data, reason, str(error), now)
+            return
+        if expired:
+            self._audit(
+                _decision_record(_rejected(request, "stale", "Autofab-Expires passed"), now)
+            )
+            return
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            self._audit(_decision_record(_rejected(request, "stale", "intake overloaded"), now))
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.settings.batch_window_s
+            while len(batch) < self.settings.batch_max:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                except TimeoutError:
+                    break
+            await self.process(batch)
+
+    async def process(self, batch: list[SetpointRequest]) -> list[Decision]:
+        """Decide ``batch``, queue what passed as the latest value per variable, and flush.
+
+        Public so a caller with requests in hand (a test, a replay) can skip NATS.
+        """
+        now = self.wall()
+        decisions, self.state = decide_batch(self.state, batch, now, self.limits)
+        for decision, request in zip(decisions, batch, strict=True):
+            self.stats.decisions[(decision.outcome, decision.reason)] += 1
+            if decision.outcome == "rejected" or decision.value is None:
+                self._audit(_decision_record(decision, now))
+                continue
+            self._queue_write(decision, request.expires_at, now)
+        await self._flush()
+        return decisions
+
+    def _queue_write(self, decision: Decision, expires_at: float, now: float) -> None:
+        assert decision.value is not None
+        key = (decision.machine, decision.variable)
+        old = self.pending.get(key)
+        if old is not None:
+            self._audit(_decision_record(old.decision, old.decided_at, "superseded"))
+        self.pending[key] = _Pending(decision.value, expires_at, decision, now)
+
+    async def _flush(self) -> None:
+        """Write every still-valid pending value in one call, read back, audit."""
+        if not self._up.is_set() or not self.pending:
+            return
+        async with self._io:
+            if not self._up.is_set():
+                return
+            now = self.wall()
+            batch: list[tuple[tuple[str, str], _Pending]] = []
+            for key, item in list(self.pending.items()):
+                del self.pending[key]
+                if item.expires_at < now:
+                    self._audit(
+                        _decision_record(item.decision, item.decided_at, "expired_unwritten")
+                    )
+                else:
+                    batch.append((key, item))
+            if not batch:
+                return
+            targets = [key for key, _ in batch]
+            try:
+                codes = await self.writer.write(targets, [item.value for _, item in batch])
+                read_back = await self.writer.read(targets)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                for key, item in batch:  # unknown whether it landed: keep unless superseded
+                    self.pending.setdefault(key, item)
+                self._link_lost(error)
+                return
+        self.stats.write_batches += 1
+        for (_, item), code, back in zip(batch, codes, read_back, strict=True):
+            self.stats.writes[code.name] += 1
+            mismatch = not code.is_good() or not _same(
+                item.value, back, self.settings.readback_tolerance
+            )
+            if mismatch:
+                self.stats.mismatches += 1
+                log.warning(
+                    "plant %s: %s.%s wrote %r (%s), read back %r",
+                    self.plant,
+                    item.decision.machine,
+                    item.decision.variable,
+                    item.value,
+                    code.name,
+                    back,
+                )
+            record = _decision_record(item.decision, item.decided_at, "written")
+            self._audit(
+                record.model_copy(
+                    update={
+                        "write_status": code.name if not code.is_good() else "written",
+                        "read_back": _jsonable(back),
+                        "mismatch": mismatch,
+                    }
+                )
+            )
+
+    # -- operator commands ---------------------------------------------------------------
+
+    async def _on_operator(self, msg: Msg) -> None:
+        now = self.wall()
+        subject = operator_subject(self.plant)
+        try:
+            header = (msg.headers or {}).get(EXPIRES_HEADER)
+            if header is not None and not float(header) > now:
+                return  # its sender has given up; acting now would surprise them
+            command = decode(subject, msg.data, OperatorCommand)
+        except (ProtocolError, ValueError) as error:
+            await self._reply(msg, OperatorReply(
+                request_id="?", ok=False, detail=str(error)[:500], estop=self.state.estop,
+                overrides=dict(self.state.overrides),
+            ))  # fmt: skip
+            return
+        ok, detail = await self.command(command, now)
+        await self._reply(
+            msg,
+            OperatorReply(
+                request_id=command.request_id,
+                ok=ok,
+                detail=detail,
+                estop=self.state.estop,
+                overrides=dict(self.state.overrides),
+            ),
+        )
+
+    async def command(self, command: OperatorCommand, now: float | None = None) -> tuple[bool, str]:
+        """Authenticate and apply one operator command; return (ok, what happened)."""
+        now = self.wall() if now is None else now
+        if not secrets.compare_digest(command.token.encode(), self._token.encode()):
+            ok, detail = False, "refused: wrong operator token"
+        elif command.action in ("override_hold", "override_release") and (
+            command.machine not in self.limits.machines
+        ):
+            ok, detail = (
+                False,
+                f"{command.action} needs a machine of this plant, got {command.machine!r}",
+            )
+        elif command.action == "override_hold":
+            assert command.machine is not None
+            self.state = hold_override(self.state, command.machine, command.operator)
+            ok, detail = True, f"{command.operator} holds {command.machine}"
+        elif command.action == "override_release":
+            assert command.machine is not None
+            self.state = release_override(self.state, command.machine)
+            ok, detail = True, f"{command.machine} released to the agents"
+        elif command.action == "estop_engage":
+            self.state, writes = engage_estop(self.state, now)
+            for w in writes:
+                decision = Decision(
+                    command.request_id, w.machine, w.variable, command.operator, w.value,
+                    "applied", w.value, "estop", "emergency stop",
+                )  # fmt: skip
+                self._queue_write(decision, math.inf, now)
+            await self._flush()
+            written = "written" if not self.pending else "pending until the plant is reachable"
+            ok, detail = True, f"emergency stop engaged: run=false on every machine ({written})"
+        else:
+            self.state = release_estop(self.state)
+            ok, detail = True, "emergency stop released; machines stay stopped until asked to run"
+        self.stats.operator_commands[(command.action, "ok" if ok else "refused")] += 1
+        log.warning("plant %s: operator %s: %s", self.plant, command.operator, detail)
+        self._audit(
+            AuditRecord(
+                kind="operator",
+                request_id=command.request_id,
+                machine=command.machine,
+                variable=command.action,
+                origin=command.operator,
+                requested=None,
+                outcome="applied" if ok else "rejected",
+                value=None,
+                reason="ok" if ok else "refused",
+                detail=detail[:500],
+                decided_at=now,
+            )
+        )
+        return ok, detail
+
+    async def _reply(self, msg: Msg, reply: OperatorReply) -> None:
+        if not msg.reply:
+            return
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await msg.respond(encode(reply))
+
+    # -- audit ---------------------------------------------------------------------------
+
+    def _audit(self, record: AuditRecord) -> None:
+        self.audit_log.append(record)
+        try:
+            self._audit_queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.stats.audit_failed += 1
+
+    def _audit_refused(self, data: bytes, reason: str, detail: str, now: float) -> None:
+        """Audit a message that never became a request (it did not decode)."""
+        fields: Mapping[str, Any] = {}
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            raw = json.loads(data)
+            fields = raw if isinstance(raw, dict) else {}
+        self.stats.decisions[("rejected", reason)] += 1
+
+        def text(key: str) -> str | None:
+            value = fields.get(key)
+            return value[:128] if isinstance(value, str) else None
+
+        self._audit(
+            AuditRecord(
+                kind="setpoint",
+                request_id=text("request_id") or "?",
+                machine=text("machine"),
+                variable=text("variable"),
+                origin=text("origin") or "?",
+                requested=_jsonable(fields.get("value")),
+                outcome="rejected",
+                value=None,
+                reason=reason,
+                detail=detail[:500],
+                decided_at=now,
+            )
+        )
+
+    async def _audit_loop(self) -> None:
+        while True:
+            record = await self._audit_queue.get()
+            try:
+                js = self.bus.client.jetstream()
+                await js.publish(
+                    audit_subject(self.plant, record.kind),
+                    encode(record),
+                    stream=audit_stream_name(self.plant),
+                    timeout=2.0,
+                )
+                self.stats.audit_published += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.stats.audit_failed += 1
+                log.warning("plant %s: audit record not stored: %r", self.plant, error)
+            finally:
+                self._audit_queue.task_done()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _rejected(request: SetpointRequest, reason: Any, detail: str) -> Decision:
+    return Decision(
+        request.request_id, request.machine, request.variable, request.origin, request.value,
+        "rejected", None, reason, detail,
+    )  # fmt: skip
+
+
+def _decision_record(
+    decision: Decision, decided_at: float, write_status: WriteStatus | None = None
+) -> AuditRecord:
+    value = decision.value
+    return AuditRecord(
+        kind="setpoint",
+        request_id=decision.request_id,
+        machine=decision.machine,
+        variable=decision.variable,
+        origin=decision.origin,
+        requested=_jsonable(decision.requested),
+        outcome=decision.outcome,
+        value=value if isinstance(value, bool) or value is None else float(value),
+        reason=decision.reason,
+        detail=decision.detail[:500],
+        decided_at=decided_at,
+        write_status=write_status,
+    )
+
+
+def _same(written: SetpointValue, back: object, tolerance: float) -> bool:
+    if isinstance(written, bool):
+        return back is written or (isinstance(back, int | float) and bool(back) == written)
+    if isinstance(back, bool) or not isinstance(back, int | float):
+        return False
+    return abs(float(back) - written) <= tolerance * max(1.0, abs(written))
