@@ -512,6 +512,7 @@ class PlantTwin:
             (f"{self.plant}.watchdog_alarm", self.watchdog_alarm, ua.VariantType.Boolean),
         ]
         dbl, i64 = ua.VariantType.Double, ua.VariantType.Int64
+        mirrors: list[tuple[str, int]] = []
         for line in self.config.lines:
             for entry in line.machines:
                 for machine in entry.names():
@@ -528,13 +529,25 @@ class PlantTwin:
                         (f"{b}.parts_good", good, i64),
                         (f"{b}.parts_scrap", bad, i64),
                         (f"{b}.breakdowns", int(model.breakdowns[m]), i64),
-                        (f"{b}.speed_setpoint", float(model.speed[m]), dbl),
-                        (f"{b}.run", bool(self.run[m]), ua.VariantType.Boolean),
-                        (
-                            f"{b}.maintenance_request",
-                            bool(self.maintenance_request[m]),
-                            ua.VariantType.Boolean,
-                        ),
                     ]
+                    mirrors.append((b, m))
         for key, value, vtype in values:
             await self._nodes[key].write_value(ua.Variant(value, vtype))
+        # Setpoint mirrors: a client's write sets the model and the node together, so a node
+        # only needs writing when the twin itself changed the value (safe state, finished
+        # maintenance). Each value is read from the model right before its own write, never
+        # from the snapshot above, so a write that arrived during this scan is not undone.
+        for b, m in mirrors:
+            for name, current, vtype in (
+                ("speed_setpoint", lambda m=m: float(model.speed[m]), dbl),
+                ("run", lambda m=m: bool(self.run[m]), ua.VariantType.Boolean),
+                (
+                    "maintenance_request",
+                    lambda m=m: bool(self.maintenance_request[m]),
+                    ua.VariantType.Boolean,
+                ),
+            ):
+                node = self._nodes[f"{b}.{name}"]
+                value = current()
+                if await node.read_value() != value:
+                    await node.write_value(ua.Variant(value, vtype))
