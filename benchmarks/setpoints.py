@@ -10,8 +10,8 @@ What runs
 * One embedded ``nats-server`` (:class:`~autofab.control.natsd.EmbeddedNats`, as
   ``autofab`` starts it).
 * In this process and event loop: the :class:`~autofab.control.supervisor_runtime.SupervisorRuntime`
-  with its default :class:`~autofab.control.supervisor_runtime.SupervisorSettings` (batch
-  window 5 ms, read-back after every write, heartbeat, JetStream audit) unless
+  with its default :class:`~autofab.control.supervisor_runtime.SupervisorSettings` (no batch
+  window, read-back after every write, heartbeat, JetStream audit) unless
   ``--batch-window`` says otherwise; an agent's :class:`~autofab.control.bus.Bus` that
   publishes the :class:`~autofab.agents.protocol.SetpointRequest` messages; and the
   *watcher*, a separate anonymous SignAndEncrypt OPC UA client that sees values arrive.
@@ -345,7 +345,9 @@ async def run(args: argparse.Namespace, cert_dir: Path, endpoint: str) -> dict[s
     )
     machines = list(limits.machines)
     settings = SupervisorSettings(
-        batch_window_s=args.batch_window or SupervisorSettings.batch_window_s
+        batch_window_s=(
+            SupervisorSettings.batch_window_s if args.batch_window is None else args.batch_window
+        )
     )
     series = {
         k: Series()
@@ -455,12 +457,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--batch-window",
-        type=positive_float,
-        help="the supervisor's batch window, s (default: SupervisorSettings', 0.005)",
+        type=float,
+        help="the supervisor's batch window, s, >= 0 (default: SupervisorSettings', 0)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_window is not None and not args.batch_window >= 0:
+        parser.error(f"--batch-window must be >= 0 seconds, got {args.batch_window}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -480,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             twin.terminate()
             twin.join(10)
-    window = args.batch_window or SupervisorSettings.batch_window_s
+    window = SupervisorSettings.batch_window_s if args.batch_window is None else args.batch_window
     print(
         f"\nSetpoints to the OPC UA twin ({args.machines} machines, own process, "
         f"Basic256Sha256 SignAndEncrypt), supervisor batch window {window * 1e3:g} ms. "

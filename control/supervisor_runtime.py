@@ -7,8 +7,10 @@ Intake and batching
 -------------------
 Setpoint requests arrive on ``Subjects(plant).setpoint_request``. A request whose
 ``Autofab-Expires`` header has passed, or that does not decode, is rejected and audited at
-once and never queued. The rest go to a queue; the batch loop takes the first, waits at
-most ``batch_window_s`` (5 ms) or until ``batch_max`` requests for more, and runs
+once and never queued. The rest go to a queue; the batch loop takes everything queued (up to
+``batch_max``), waits at most ``batch_window_s`` for more (0 by default: a lone request is
+written at once, and requests that arrive while a write is in flight form the next batch,
+as in a database's group commit), and runs
 :func:`~autofab.control.supervisor.decide_batch` on them in arrival order, so one OPC UA
 Write carries a burst of requests and the power cap sees them together.
 
@@ -249,7 +251,9 @@ def _jsonable(value: object) -> float | bool | str | None:
 class SupervisorSettings:
     """Timing of the runtime; the module docstring says why each default is what it is."""
 
-    batch_window_s: float = 0.005
+    #: Extra wait for more requests once the queue is empty; 0 flushes at once (requests
+    #: that arrive while a write is in flight still form the next batch).
+    batch_window_s: float = 0.0
     batch_max: int = 256
     heartbeat_interval_s: float = 0.5
     reconnect_min_s: float = 0.2
@@ -261,8 +265,12 @@ class SupervisorSettings:
     def __post_init__(self) -> None:
         for key in ("batch_window_s", "heartbeat_interval_s", "reconnect_min_s"):
             value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"SupervisorSettings.{key}: expected seconds > 0, got {value!r}")
+            low_ok = value >= 0 if key == "batch_window_s" else value > 0
+            if not (math.isfinite(value) and low_ok):
+                least = ">= 0" if key == "batch_window_s" else "> 0"
+                raise ValueError(
+                    f"SupervisorSettings.{key}: expected seconds {least}, got {value!r}"
+                )
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError(
                 f"SupervisorSettings.reconnect_max_s ({self.reconnect_max_s}) must be >= "

@@ -191,6 +191,13 @@ def test_requests_reach_the_twin_in_one_batch_and_are_audited(
                 "setpoints on the twin",
             )  # fmt: skip
             assert took < 1.0
+
+            # a1 may be written on its own before a2 arrives (batches form while a write is
+            # in flight), so wait for a2's own write record too.
+            def a2_written() -> bool:
+                return any(a.request_id == "a2" and a.write_status for a in r.sup.audit_log)
+
+            await wait_for(_true(a2_written), 1.0, "a2 written")
             m = r.twin.model.plant.machine_names.index("mill-1")
             assert r.twin.model.speed[m] == pytest.approx(0.9)
             written = {rec.request_id: rec for rec in r.sup.audit_log if rec.write_status}
@@ -520,6 +527,9 @@ def test_real_plant_with_its_own_address_space(tmp_path: Path, nats_server: Embe
             )
             async with sup, Bus(nats_server.endpoint) as agent:
                 await sup.wait_connected(10)
+                # On connect the supervisor takes the plant's values as just applied; give
+                # the rate limit (100/s) the few ms a 0.25 step needs, so nothing is clamped.
+                await asyncio.sleep(0.05)
                 subject = Subjects("acme").setpoint_request
                 await agent.publish(subject, request("p1", "press-7", "speed_setpoint", 1.25))
                 await agent.publish(subject, request("p2", "press-8", "run", 0.0))
