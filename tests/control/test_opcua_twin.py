@@ -34,15 +34,6 @@ from autofab.envs.plant import load_plant
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One certificate directory per module: RSA key generation is the slow part."""
-    cert_dir = tmp_path_factory.mktemp("opcua-certs")
-    ensure_server_files(cert_dir, "urn:autofab:plant:demo")
-    ensure_client_files(cert_dir)
-    return cert_dir
-
-
 def settings(certs: Path, **kw: Any) -> TwinSettings:
     kw.setdefault("speedup", 600.0)
     kw.setdefault("tick_s", 0.05)

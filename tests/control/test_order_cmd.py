@@ -15,7 +15,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,45 +51,26 @@ def runtime_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "autofab"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as running:
-        yield running
-
-
-class LoopThread:
-    """An event loop on a thread, for servers the CLI in the main thread talks to."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5.0)
-        self.loop.close()
-
-
 @pytest.fixture
-def scheduler_plant(server: EmbeddedNats, runtime_home: Path) -> Iterator[str]:
+def scheduler_plant(
+    nats_server: EmbeddedNats, runtime_home: Path, loop_thread: Any
+) -> Iterator[str]:
     """A scheduler alone on a runner, and the runtime file that leads to it."""
     plant = f"t{secrets.token_hex(4)}"
     config = DEMO.model_copy(update={"name": plant})
-    loop = LoopThread()
+    loop = loop_thread(10.0)
 
     async def start() -> tuple[Bus, AgentRunner]:
-        bus = await Bus(server.endpoint).connect()
+        bus = await Bus(nats_server.endpoint).connect()
         agent = SchedulerAgent.from_plant("scheduler", config)
         runner = await AgentRunner(bus, [agent], plant=plant).start()
         return bus, runner
 
     bus, runner = loop.call(start())
     write_runtime_file(
-        RuntimeInfo(plant, server.url, server.user, server.password, os.getpid(), time.time())
+        RuntimeInfo(
+            plant, nats_server.url, nats_server.user, nats_server.password, os.getpid(), time.time()
+        )
     )
     try:
         yield plant
@@ -100,7 +81,6 @@ def scheduler_plant(server: EmbeddedNats, runtime_home: Path) -> Iterator[str]:
             await bus.close()
 
         loop.call(stop())
-        loop.close()
 
 
 def order_file(tmp_path: Path, **fields: Any) -> Path:
@@ -162,11 +142,11 @@ def test_a_refused_order_says_why_and_exits_3(scheduler_plant: str, tmp_path: Pa
 
 
 def test_explicit_url_and_credentials_work_without_a_runtime_file(
-    server: EmbeddedNats, scheduler_plant: str, tmp_path: Path
+    nats_server: EmbeddedNats, scheduler_plant: str, tmp_path: Path
 ) -> None:
     runtime_file(scheduler_plant).unlink()
-    args = ["--plant", scheduler_plant, "--nats-url", server.url, "--user", server.user]
-    result = cli("status", "x", *args, "--password", server.password)
+    args = ["--plant", scheduler_plant, "--nats-url", nats_server.url, "--user", nats_server.user]
+    result = cli("status", "x", *args, "--password", nats_server.password)
     assert result.exit_code == 0, result.output
     wrong = cli("status", "x", *args, "--password", "wrong", "--timeout", "0.5")
     assert wrong.exit_code == 2
@@ -217,7 +197,7 @@ def test_an_order_file_that_is_not_an_object_is_refused(
 
 
 def test_no_plant_no_server_no_scheduler_are_clear_errors(
-    server: EmbeddedNats, tmp_path: Path
+    nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     path = order_file(tmp_path)
     no_file = cli("submit", str(path), "--plant", "nowhere")
@@ -227,7 +207,14 @@ def test_no_plant_no_server_no_scheduler_are_clear_errors(
     assert no_server.exit_code == 2
     assert "could not connect to NATS at nats://127.0.0.1:1" in no_server.output
     write_runtime_file(
-        RuntimeInfo("idle", server.url, server.user, server.password, os.getpid(), time.time())
+        RuntimeInfo(
+            "idle",
+            nats_server.url,
+            nats_server.user,
+            nats_server.password,
+            os.getpid(),
+            time.time(),
+        )
     )
     no_scheduler = cli("submit", str(path), "--plant", "idle", "--timeout", "0.5")
     assert no_scheduler.exit_code == 2

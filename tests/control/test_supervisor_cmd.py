@@ -10,21 +10,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from typer.testing import CliRunner
 
 from autofab.agents.protocol import SetpointRequest, Subjects
 from autofab.control.bus import Bus
 from autofab.control.cli import app
 from autofab.control.natsd import EmbeddedNats
-from autofab.control.opcua.security import ensure_client_files, ensure_server_files
 from autofab.control.opcua.twin import PlantTwin, TwinSettings, free_port
 from autofab.control.supervisor_cmd import (
     SupervisorRun,
@@ -40,42 +37,9 @@ TOKEN = "test-operator-token"
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One certificate directory per module: RSA key generation is the slow part."""
-    cert_dir = tmp_path_factory.mktemp("opcua-certs")
-    ensure_server_files(cert_dir, "urn:autofab:plant:demo")
-    ensure_client_files(cert_dir)
-    return cert_dir
-
-
-@pytest.fixture(scope="module")
-def nats_server() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as server:
-        yield server
-
-
-class LoopThread:
-    """An event loop in a background thread, so the CLI can run in the test's thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5.0)
-        self.loop.close()
-
-
 @contextmanager
-def twin_in_thread(certs: Path) -> Iterator[PlantTwin]:
-    """A running plant twin on its own loop; its node map is written into ``certs``."""
-    thread = LoopThread()
+def twin_in_thread(certs: Path, thread: Any) -> Iterator[PlantTwin]:
+    """A running plant twin on ``thread``'s loop; its node map is written into ``certs``."""
     settings = TwinSettings(
         cert_dir=certs,
         nodemap_path=certs / f"nm-{time.monotonic_ns()}.json",
@@ -88,7 +52,6 @@ def twin_in_thread(certs: Path) -> Iterator[PlantTwin]:
         yield twin
     finally:
         thread.call(twin.__aexit__(None, None, None))
-        thread.close()
 
 
 def request(rid: str, machine: str, variable: str, value: float) -> SetpointRequest:
@@ -168,11 +131,13 @@ def test_run_core_takes_requests_from_nats_to_the_twin(
     asyncio.run(main())
 
 
-def test_cli_runs_until_ctrl_c(certs: Path, nats_server: EmbeddedNats, tmp_path: Path) -> None:
+def test_cli_runs_until_ctrl_c(
+    certs: Path, nats_server: EmbeddedNats, tmp_path: Path, loop_thread: Any
+) -> None:
     """The real command in a subprocess: ready line, a request applied, SIGINT, clean exit."""
     limits_file = tmp_path / "limits.yaml"
     limits_file.write_text(LIMITS_YAML)
-    with twin_in_thread(certs) as twin:
+    with twin_in_thread(certs, loop_thread(30.0)) as twin:
         env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
         env.pop("AUTOFAB_OPERATOR_TOKEN", None)
         proc = subprocess.Popen(
@@ -253,9 +218,11 @@ def test_bad_input_is_one_line_and_exit_2(certs: Path, tmp_path: Path) -> None:
     assert "is not valid YAML" in out
 
 
-def test_unreachable_endpoint_and_wrong_login_exit_2(certs: Path, tmp_path: Path) -> None:
+def test_unreachable_endpoint_and_wrong_login_exit_2(
+    certs: Path, tmp_path: Path, loop_thread: Any
+) -> None:
     nats = ["--nats-url", "nats://127.0.0.1:1", "--token", TOKEN]
-    with twin_in_thread(certs) as twin:
+    with twin_in_thread(certs, loop_thread(30.0)) as twin:
         nodemap = str(twin.nodemap_path)
         wrong = tmp_path / "wrong-login"
         shutil.copytree(certs, wrong)

@@ -7,9 +7,8 @@ import asyncio
 import json
 import math
 import stat
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,21 +49,6 @@ from autofab.envs.plant import load_plant
 DEMO = load_plant("demo")
 TOKEN = "test-operator-token"
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One certificate directory per module: RSA key generation is the slow part."""
-    cert_dir = tmp_path_factory.mktemp("opcua-certs")
-    ensure_server_files(cert_dir, "urn:autofab:plant:demo")
-    ensure_client_files(cert_dir)
-    return cert_dir
-
-
-@pytest.fixture(scope="module")
-def nats_server() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as server:
-        yield server
 
 
 def limits(**speed: Any) -> SupervisorLimits:
@@ -313,28 +297,11 @@ def test_heartbeat_stopping_trips_the_twin_watchdog(certs: Path, nats_server: Em
     asyncio.run(main())
 
 
-class LoopThread:
-    """An event loop on a thread, for servers the CLI in the main thread talks to."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 15.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5.0)
-        self.loop.close()
-
-
 def test_cli_override_and_estop(
-    certs: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+    certs: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, loop_thread: Any
 ) -> None:
     monkeypatch.delenv("AUTOFAB_OPERATOR_TOKEN", raising=False)
-    thread = LoopThread()
+    thread = loop_thread(15.0)
     runner = CliRunner()
     ctx = rig(certs, nats_server)
     nats_args = [
@@ -382,7 +349,6 @@ def test_cli_override_and_estop(
         assert "overrides: none" in result.output
     finally:
         thread.call(ctx.__aexit__(None, None, None))
-        thread.close()
 
 
 def _true(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
