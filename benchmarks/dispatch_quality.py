@@ -31,7 +31,7 @@ from common import environment_info, header, markdown_table, write_report
 from rich.console import Console
 from rich.progress import Progress
 
-from autofab.agents.policies.artifacts import load_policy
+from autofab.agents.policies.artifacts import load_policy, resolve_policy_path
 from autofab.agents.policies.evaluation import (
     CPSAT,
     IMPROVE,
@@ -42,7 +42,6 @@ from autofab.agents.policies.evaluation import (
     evaluate,
     expand_instances,
 )
-from autofab.control.evaluate_cmd import resolve_policy_path
 from autofab.envs.instances import InstanceError
 from autofab.envs.jobshop import JobShopEnv
 from autofab.envs.rules import RULES
@@ -53,7 +52,7 @@ DEFAULT_INSTANCES = "ta01-ta20"
 def _policy_factory(spec: str) -> Callable[[JobShopEnv], PolicyFn]:
     """``--policy``: ``default`` (the shipped dispatcher), a dispatcher ``.npz`` file, or a
     training run folder, through the same loader ``autofab evaluate`` uses."""
-    path = resolve_policy_path(Path(spec))
+    path = resolve_policy_path(spec)
     return lambda env: load_policy(path, env)  # type: ignore[return-value]
 
 

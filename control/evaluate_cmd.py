@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autofab.agents.policies import evaluation
+from autofab.agents.policies.artifacts import load_policy, resolve_policy_path
 from autofab.agents.policies.cpsat import CpSatError
 from autofab.agents.policies.evaluation import (
     CPSAT,
@@ -312,7 +313,7 @@ def evaluate_instance(job: InstanceJob) -> tuple[dict[str, Any], list[MethodResu
         run = Path(job.policy_run)
 
         def factory(env: JobShopEnv) -> PolicyFn:
-            return load_any_policy(run, env)
+            return load_policy(run, env)
 
     results: list[MethodResult] = []
     doc = evaluation.evaluate(
@@ -407,27 +408,6 @@ def _evaluate_with_ray(
     return merge_documents([doc for doc, _ in outcomes], settings)
 
 
-#: ``--policy default`` names the dispatcher shipped with autofab.
-DEFAULT_POLICY_NAME = "default"
-
-
-def resolve_policy_path(policy: Path) -> Path:
-    """``--policy``: ``default`` (the shipped dispatcher), a run folder, or a ``.npz``."""
-    if str(policy) == DEFAULT_POLICY_NAME and not policy.exists():
-        from autofab.agents.policies.dispatcher import DEFAULT_DISPATCHER
-
-        return DEFAULT_DISPATCHER
-    return policy
-
-
-def load_any_policy(path: Path, env: JobShopEnv) -> PolicyFn:
-    """A training run folder (``policy.json``, checked against ``env``), or a
-    dispatcher saved as ``.npz`` (it fits any instance size), through the one loader."""
-    from autofab.agents.policies.artifacts import load_policy
-
-    return load_policy(resolve_policy_path(path), env)
-
-
 def _check_samples(samples: int, policies: Mapping[str, PolicyFn] | None) -> None:
     """``--samples`` needs a dispatcher (its scores) and classic instances."""
     from autofab.agents.policies.dispatcher import DispatcherPolicy
@@ -458,7 +438,7 @@ def _load_policies(run: Path, names: list[str]) -> dict[str, PolicyFn]:
         key = (env.observation_space.shape, int(env.action_space.n))
         if key not in by_shape:
             try:
-                by_shape[key] = load_any_policy(run, env)
+                by_shape[key] = load_policy(run, env)
             except ValueError as exc:
                 raise ValueError(f"--policy {str(run)!r} on {name}: {exc}") from None
         out[name] = by_shape[key]

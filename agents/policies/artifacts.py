@@ -34,6 +34,7 @@ from gymnasium import spaces
 from numpy.typing import NDArray
 
 from autofab.agents.policies.dispatcher import (
+    DEFAULT_DISPATCHER,
     DispatcherLoadError,
     DispatcherPolicy,
     layout_names,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # SB3 and torch load only when an SB3 model does (deployment 
 
 __all__ = [
     "ALGOS",
+    "DEFAULT_POLICY_NAME",
     "DISPATCHER_FILE",
     "MODEL_FILE",
     "NORMALIZER_FILE",
@@ -60,6 +62,7 @@ __all__ = [
     "load_policy",
     "package_version",
     "read_policy_json",
+    "resolve_policy_path",
     "space_signature",
     "write_policy_json",
 ]
@@ -319,10 +322,23 @@ def _load_normalizer(path: Path) -> VecNormalize:
     return normalizer
 
 
+#: The name that stands for the dispatcher shipped with autofab (``--policy default``).
+DEFAULT_POLICY_NAME = "default"
+
+
+def resolve_policy_path(policy: str | Path) -> Path:
+    """``default`` (the shipped dispatcher, unless a file of that name exists), or the path."""
+    path = Path(policy)
+    if str(policy) == DEFAULT_POLICY_NAME and not path.exists():
+        return DEFAULT_DISPATCHER
+    return path
+
+
 def load_policy(
     run_dir: str | Path, env: gym.Env[Any, Any] | None = None
 ) -> LoadedPolicy | DispatcherPolicy:
-    """Load a training run folder (or a dispatcher ``.npz``) as a callable policy.
+    """Load a training run folder, a dispatcher ``.npz``, or ``default`` (the shipped
+    dispatcher) as a callable policy.
 
     With ``env``, its observation and action spaces must match the signatures recorded in
     ``policy.json``; otherwise the load is refused naming the space, expected and found.
@@ -331,7 +347,7 @@ def load_policy(
     or file, corrupt JSON, zip, pickle or npz, wrong schema) is a :class:`PolicyLoadError`
     naming the file, never an exception from inside torch.
     """
-    path = Path(run_dir)
+    path = resolve_policy_path(run_dir)
     if path.suffix == ".npz":
         return _load_dispatcher_file(path, env)
     meta = read_policy_json(path)

@@ -821,10 +821,14 @@ def _init_dispatcher(source: str | None) -> Any:
     """The ``init`` hyperparameter: a dispatcher to fine-tune, through the one loader."""
     if source is None:
         return None
-    from autofab.agents.policies.artifacts import PolicyLoadError, load_policy
-    from autofab.agents.policies.dispatcher import DEFAULT_DISPATCHER, DispatcherPolicy
+    from autofab.agents.policies.artifacts import (
+        PolicyLoadError,
+        load_policy,
+        resolve_policy_path,
+    )
+    from autofab.agents.policies.dispatcher import DispatcherPolicy
 
-    path = DEFAULT_DISPATCHER if source == "default" else Path(source)
+    path = resolve_policy_path(source)
     try:
         policy = load_policy(path)
     except PolicyLoadError as exc:
