@@ -347,16 +347,7 @@ class MachineAgent(Agent):
         self.status = "down"
         out: list[Outgoing] = []
         for task in self.queue:
-            bounded_add(self.closed, task.round_id, self.memory)
-            failure = Failure(
-                round_id=task.round_id,
-                machine=self.name,
-                job=task.job,
-                op=task.op,
-                failed_at=now.plant,
-                reason=reason,
-            )
-            out.append(Outgoing(self.subjects.result(task.round_id), failure))
+            out.append(self._fail(task.round_id, task.job, task.op, now, reason))
             out += self._release(task)
         self.queue = []
         return out + self._report(now)
@@ -375,6 +366,14 @@ class MachineAgent(Agent):
 
     # --- Internals ---------------------------------------------------------------------
 
+    def _fail(self, round_id: str, job: str, op: int, now: Now, reason: str) -> Outgoing:
+        """Close ``round_id`` here for good and tell the scheduler, which announces again."""
+        bounded_add(self.closed, round_id, self.memory)
+        failure = Failure(
+            round_id=round_id, machine=self.name, job=job, op=op, failed_at=now.plant, reason=reason
+        )
+        return Outgoing(self.subjects.result(round_id), failure)
+
     def _accept(self, acc: Accept, now: Now) -> list[Outgoing]:
         if acc.round_id in self.closed or any(t.round_id == acc.round_id for t in self.queue):
             self._count("duplicate_accept")
@@ -386,16 +385,7 @@ class MachineAgent(Agent):
         elif cfp is None or (cfp.job, cfp.op) != (acc.job, acc.op):
             reason = "award without a matching bid on record"
         if reason is not None or cfp is None:
-            bounded_add(self.closed, acc.round_id, self.memory)
-            failure = Failure(
-                round_id=acc.round_id,
-                machine=self.name,
-                job=acc.job,
-                op=acc.op,
-                failed_at=now.plant,
-                reason=reason or "no bid",
-            )
-            return [Outgoing(self.subjects.result(acc.round_id), failure)]
+            return [self._fail(acc.round_id, acc.job, acc.op, now, reason or "no bid")]
         duration = cfp.processing_seconds / self.speed
         self.queue.append(
             Task(
