@@ -101,6 +101,8 @@ class Task:
     retry_wall: float | None = None
     power_w: float = 0.0
     started_at: float | None = None
+    plant_job: int | None = None
+    start_sent_wall: float | None = None
 
     @property
     def running(self) -> bool:
@@ -135,6 +137,7 @@ class MachineAgent(Agent):
         retry_seconds: float = 60.0,
         request_timeout_seconds: float = 2.0,
         award_wait_seconds: float = 5.0,
+        start_confirm_seconds: float = 2.0,
         memory: int = 10_000,
     ) -> None:
         super().__init__(name)
@@ -156,6 +159,7 @@ class MachineAgent(Agent):
         self.retry_seconds = retry_seconds
         self.request_timeout_seconds = request_timeout_seconds
         self.award_wait_seconds = award_wait_seconds
+        self.start_confirm_seconds = start_confirm_seconds
         self.memory = memory
         self.status: Literal["up", "down"] = "up"
         self.queue: list[Task] = []
@@ -169,6 +173,10 @@ class MachineAgent(Agent):
         self._seq = 0
         self._next_report: float | None = 0.0
         self._reported: tuple[float, str] | None = None
+        #: The plant's ``ops_done`` counter as last seen, and whether the plant was seen
+        #: running the head operation (telemetry from a plant with numbered orders).
+        self._ops_done: int | None = None
+        self._plant_started = False
 
     @classmethod
     def from_plant(cls, name: str, config: PlantConfig, **kwargs: Any) -> MachineAgent:
@@ -210,7 +218,10 @@ class MachineAgent(Agent):
             times.append(min(c.deadline for c in self.bids.values()) + self.award_wait_seconds)
         if self.queue and self.status == "up":
             head = self.queue[0]
-            if head.retry_wall is not None:
+            if self._start_unconfirmed(head):
+                assert head.start_sent_wall is not None
+                times.append(head.start_sent_wall + self.start_confirm_seconds)
+            elif head.retry_wall is not None:
                 times.append(head.retry_wall)
             elif head.request_sent_wall is not None:
                 times.append(head.request_sent_wall + self.request_timeout_seconds)
@@ -224,6 +235,16 @@ class MachineAgent(Agent):
         out: list[Outgoing] = []
         if self.queue:
             head = self.queue[0]
+            if (
+                self.status == "up"
+                and self._start_unconfirmed(head)
+                and head.start_sent_wall is not None
+                and head.start_sent_wall + self.start_confirm_seconds <= now.wall
+            ):
+                # No sign of it at the plant (a refused or lost setpoint, or the plant is
+                # waiting for material): ask again; a repeat of a start is harmless.
+                self._count("start_repeated")
+                out += self._start_commands(head, now)
             if head.retry_wall is not None and head.retry_wall <= now.wall:
                 head.retry_wall = None
             elif (
@@ -285,11 +306,12 @@ class MachineAgent(Agent):
         if isinstance(message, Telemetry):
             if message.machine != self.name:
                 return []
+            out = self._observe_work(message, now)
             if message.status == "down" and self.status == "up":
-                return self.breakdown(now, "the plant reports the machine down")
+                return out + self.breakdown(now, "the plant reports the machine down")
             if message.status != "down" and self.status == "down":
-                return self.repaired(now)
-            return []
+                return out + self.repaired(now)
+            return out
         self._count(f"unexpected_{message.type}")
         return []
 
@@ -311,8 +333,31 @@ class MachineAgent(Agent):
             return self.queue[0]
         return None
 
-    def operation_finished(self, job: str, op: int, now: Now) -> list[Outgoing]:
-        """The plant says ``job``/``op`` is done: report it, release, take the next one."""
+    def _start_unconfirmed(self, task: Task) -> bool:
+        """``task`` was started by number and the plant has not been seen running it."""
+        return task.running and task.plant_job is not None and not self._plant_started
+
+    def _observe_work(self, t: Telemetry, now: Now) -> list[Outgoing]:
+        """Follow the head operation at a plant that reports numbered orders: seen running,
+        then seen finished (``ops_done`` moved on, with it as the last one done)."""
+        head = self.active_operation()
+        if head is not None and t.plant_job == head.plant_job and t.plant_op == head.op:
+            self._plant_started = True
+        if t.ops_done is None:
+            return []
+        seen, self._ops_done = self._ops_done, t.ops_done
+        if seen is None or t.ops_done <= seen or head is None or head.plant_job is None:
+            return []
+        if (t.last_plant_job, t.last_plant_op) != (head.plant_job, head.op):
+            self._count("plant_finished_other")
+            return []
+        return self.operation_finished(head.job, head.op, now, defect=t.last_defect)
+
+    def operation_finished(
+        self, job: str, op: int, now: Now, defect: bool = False
+    ) -> list[Outgoing]:
+        """The plant says ``job``/``op`` is done (``defect``: with a bad part): report it,
+        release, take the next one."""
         task = self.active_operation()
         if task is None or (task.job, task.op) != (job, op):
             self._count("finish_unknown")
@@ -331,6 +376,7 @@ class MachineAgent(Agent):
             started_at=task.started_at,
             finished_at=max(now.plant, task.started_at),
             energy_j=task.power_w * run,
+            defect=defect,
         )
         out = [
             Outgoing(self.subjects.result(task.round_id), done),
@@ -397,6 +443,7 @@ class MachineAgent(Agent):
                 material=cfp.material if cfp.quantity > 0 else None,
                 quantity=cfp.quantity,
                 finish_at=self.queue_end_at(now) + duration,
+                plant_job=acc.plant_job,
             )
         )
         return self._advance(now)
@@ -496,7 +543,17 @@ class MachineAgent(Agent):
             bounded_add(self.consumed, task.material_request, self.memory)
         task.started_at = now.plant
         task.finish_at = now.plant + task.duration(self.speed)
-        return [self._setpoint("speed_setpoint", self.speed, now), self._setpoint("run", 1.0, now)]
+        self._plant_started = False
+        return self._start_commands(task, now)
+
+    def _start_commands(self, task: Task, now: Now) -> list[Outgoing]:
+        """The setpoints that start ``task``: speed, the production order (where the plant
+        numbers its orders), then run."""
+        task.start_sent_wall = now.wall
+        out = [self._setpoint("speed_setpoint", self.speed, now)]
+        if task.plant_job is not None:
+            out.append(self._setpoint("start_job", float(task.plant_job), now))
+        return [*out, self._setpoint("run", 1.0, now)]
 
     def _release(self, task: Task) -> list[Outgoing]:
         """Give back what ``task`` holds: power always, material only if it did not start."""
@@ -564,6 +621,8 @@ class MachineAgent(Agent):
             "ignored": dict(self.ignored),
             "completed": self.completed,
             "seq": self._seq,
+            "ops_done": self._ops_done,
+            "plant_started": self._plant_started,
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -577,6 +636,8 @@ class MachineAgent(Agent):
         self.ignored = dict(state["ignored"])
         self.completed = int(state["completed"])
         self._seq = int(state["seq"])
+        self._ops_done = state.get("ops_done")
+        self._plant_started = bool(state.get("plant_started", False))
         self._next_report = 0.0
 
 

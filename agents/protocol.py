@@ -71,6 +71,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -268,6 +269,13 @@ class CallForProposals(MessageBase):
     material: Token | None = Field(None, description="Raw material consumed at the start.")
     quantity: Amount = Field(0.0, description="Units of ``material`` consumed.")
     deadline: WallTime = Field(description="Bids arriving later are ignored (wall time).")
+    plant_job: int | None = Field(
+        None,
+        ge=0,
+        description="The plant's number for this production order, where the plant runs "
+        "numbered orders (the OPC UA twin does): a machine names it to the plant to start "
+        "the operation.",
+    )
 
 
 class Bid(_Strict):
@@ -348,6 +356,13 @@ class Accept(MessageBase):
     machine: Token
     job: Token
     op: OpIndex
+    plant_job: int | None = Field(
+        None,
+        ge=0,
+        description="The plant's number for this production order, where the plant runs "
+        "numbered orders (the OPC UA twin does): a machine names it to the plant to start "
+        "the operation.",
+    )
 
 
 class Reject(MessageBase):
@@ -517,6 +532,14 @@ class Telemetry(MessageBase):
     vibration_mm_s: float = Field(ge=0)
     temperature_c: float
     power_w: Amount
+    ops_done: int | None = Field(
+        None, ge=0, description="Operations finished so far (good and defective)."
+    )
+    plant_job: int | None = Field(None, ge=0, description="Production order running now.")
+    plant_op: OpIndex | None = Field(None, description="Its operation index.")
+    last_plant_job: int | None = Field(None, ge=0, description="Production order done last.")
+    last_plant_op: OpIndex | None = Field(None, description="Its operation index.")
+    last_defect: bool = Field(False, description="Whether that operation made a defect.")
 
 
 class HealthReport(MessageBase):
@@ -582,6 +605,19 @@ class OrderSubmit(MessageBase):
     client_order_id: Token
     items: list[OrderItem] = Field(min_length=1)
     due_at: PlantTime
+    plant_job: int | None = Field(
+        None,
+        ge=0,
+        description="The plant's number for this order (one unit only), where the plant runs "
+        "numbered orders (the OPC UA twin does): a machine names it to the plant to start "
+        "the operation.",
+    )
+
+    @model_validator(mode="after")
+    def _one_unit_per_plant_job(self) -> OrderSubmit:
+        if self.plant_job is not None and sum(i.quantity for i in self.items) != 1:
+            raise ValueError("plant_job names one production order: the order must be one unit")
+        return self
 
 
 class OrderAck(MessageBase):

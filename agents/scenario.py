@@ -27,7 +27,7 @@ import heapq
 import json
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -338,9 +338,11 @@ def plant_agent_factories(
     machine: Mapping[str, Any] | None = None,
     energy: Mapping[str, Any] | None = None,
     scheduler_class: type[SchedulerAgent] = SchedulerAgent,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Callable[[], Agent]]:
     """How to build each agent of ``config``, by name: ``host-1``... (the machines split
-    round robin over ``hosts`` hosts), ``scheduler``, ``energy`` and ``supply``.
+    round robin over ``hosts`` hosts, or ``groups``: host name to its machines, which must
+    cover every machine once), ``scheduler``, ``energy`` and ``supply``.
 
     Factories, not agents, because a runtime rebuilds an agent to restart it from its
     snapshot. The in-memory :class:`Scenario` and ``autofab negotiate`` over NATS both
@@ -352,13 +354,18 @@ def plant_agent_factories(
     if hosts < 1:
         raise ValueError(f"hosts must be at least 1, got {hosts}")
     names = compile_plant(config).machine_names
-    groups = [list(names[i::hosts]) for i in range(hosts) if names[i::hosts]]
+    if groups is None:
+        groups = {f"host-{i + 1}": list(names[i::hosts]) for i in range(hosts) if names[i::hosts]}
+    placed = sorted(m for group in groups.values() for m in group)
+    if placed != sorted(names):
+        raise ValueError(
+            f"groups must place every machine of {config.name} once; got {placed}, "
+            f"machines: {sorted(names)}"
+        )
     machine_kw = {"speedup": speedup, **dict(machine or {})}
     factories: dict[str, Callable[[], Agent]] = {
-        f"host-{i + 1}": partial(
-            MachineHost.from_plant, f"host-{i + 1}", config, group, **machine_kw
-        )
-        for i, group in enumerate(groups)
+        host: partial(MachineHost.from_plant, host, config, list(group), **machine_kw)
+        for host, group in groups.items()
     }
     expected: dict[str, int] = {}
     for factory in list(factories.values()):

@@ -33,6 +33,15 @@ machine, a second InformDone, an InformDone or Failure from a machine that was n
 awarded) changes nothing and is counted by reason in :attr:`SchedulerAgent.ignored`.
 Re-announcements are counted by cause in :attr:`SchedulerAgent.reannounced`.
 
+Defects and plant order numbers
+-------------------------------
+An :class:`InformDone` with ``defect`` set is a bad part: the operation is announced again
+(``on_defect="rework"``), or the whole route with a fresh part (``"scrap"``, whose earlier
+completions are dropped, so :attr:`SchedulerAgent.completions` lists the work on good
+parts). An order submitted with a ``plant_job`` (the plant's own number for it, as the OPC
+UA twin has) passes that number on in every call and award, so the winning machine can name
+the production order when it asks the plant to start.
+
 Bookkeeping, and why it is indexed
 ----------------------------------
 With hundreds of rounds open and thousands awarded, nothing on a round's path may scan
@@ -148,6 +157,8 @@ class _Job:
     round_id: str | None = None
     retry_wall: float | None = None
     finished_at: float | None = None
+    plant_job: int | None = None
+    defects: int = 0
 
 
 @dataclass
@@ -192,6 +203,7 @@ class SchedulerAgent(Agent):
         speedup: float = 1.0,
         max_jobs_per_order: int = 1_000,
         memory: int = 100_000,
+        on_defect: Literal["scrap", "rework"] = "scrap",
     ) -> None:
         super().__init__(name)
         self.subjects = subjects
@@ -205,6 +217,9 @@ class SchedulerAgent(Agent):
         self.speedup = speedup
         self.max_jobs_per_order = max_jobs_per_order
         self.memory = memory
+        if on_defect not in ("scrap", "rework"):
+            raise ValueError(f"on_defect: expected 'scrap' or 'rework', got {on_defect!r}")
+        self.on_defect = on_defect
         self.orders: dict[str, _Order] = {}
         self.jobs: dict[str, _Job] = {}
         self.rounds: dict[str, _Round] = {}
@@ -236,6 +251,7 @@ class SchedulerAgent(Agent):
             ]
             for p in config.products
         }
+        kwargs.setdefault("on_defect", config.on_defect)
         return cls(name, Subjects(config.name), routes, **kwargs)
 
     # --- Agent interface ---------------------------------------------------------------
@@ -396,6 +412,7 @@ class SchedulerAgent(Agent):
             for _ in range(item.quantity):
                 job = _Job(f"{order}-{len(jobs) + 1}", order, item.product, msg.due_at)
                 job.ready_at = now.plant
+                job.plant_job = msg.plant_job
                 jobs.append(job)
         answer = OrderAck(
             client_order_id=msg.client_order_id, order=order, jobs=[j.job for j in jobs]
@@ -438,6 +455,7 @@ class SchedulerAgent(Agent):
             material=step.material,
             quantity=step.quantity,
             deadline=rnd.deadline,
+            plant_job=job.plant_job,
         )
         return [Outgoing(self.subjects.cfp(step.capability), cfp)]
 
@@ -498,7 +516,13 @@ class SchedulerAgent(Agent):
         )
         rnd.result_wall = plant_to_wall(rnd.result_due, now, self.speedup)
         self._arm(rnd.result_wall, _RESULT, rnd.round_id)
-        accept = Accept(round_id=rnd.round_id, machine=winner, job=rnd.job, op=rnd.op)
+        accept = Accept(
+            round_id=rnd.round_id,
+            machine=winner,
+            job=rnd.job,
+            op=rnd.op,
+            plant_job=job.plant_job,
+        )
         out = [Outgoing(self.subjects.award(rnd.round_id), accept)]
         losers = sorted(m for m in rnd.bids if m != winner)
         if losers:
@@ -585,6 +609,17 @@ class SchedulerAgent(Agent):
             return []
         job = self.jobs[rnd.job]
         self._end(rnd, "done")
+        if msg.defect:
+            # The part is bad: do the operation again (rework) or the route again with a
+            # fresh part (scrap), as the plant does (``on_defect``).
+            job.defects += 1
+            self._count("defect", self.reannounced)
+            if self.on_defect == "scrap":
+                # The finished operations of the scrapped part are undone with it.
+                job.next_op = 0
+                self.completions = [c for c in self.completions if c.job != job.job]
+            job.ready_at = msg.finished_at
+            return self._announce(job, now)
         self.completions.append(
             Completion(msg.job, msg.op, msg.round_id, msg.machine, msg.started_at, msg.finished_at)
         )

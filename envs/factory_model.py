@@ -463,6 +463,29 @@ class FactoryModel(PlantModel):
         else:
             self.wake_at[machine] = self.now + self.decision_interval
 
+    def abort_operation(self, machine: int) -> int | None:
+        """Give up the operation interrupted on a broken-down ``machine``.
+
+        The job goes back to that operation, ready now, so it can start again on any
+        eligible machine; the material it took stays taken (the part carries it). This is
+        how a plant run by agents behaves: they announce a broken machine's work again
+        rather than wait for the repair. Returns the job, or None when the machine is not
+        down with an operation in hand.
+        """
+        op = int(self.machine_op[machine])
+        if self.status[machine] != DOWN or op < 0 or self.work_left[machine] <= 1e-9:
+            return None
+        job = int(self.instance.op_job[op])
+        self.work_left[machine] = 0.0
+        self.machine_op[machine] = -1
+        self.load[machine] = 1.0
+        self.machine_free_at[machine] = self.status_until[machine]
+        self._rewind(job, op)
+        self.job_ready[job] = self.now
+        self._mask = None
+        self.events.append((self.now, "abort", machine, f"job {job} op {op}"))
+        return job
+
     def _check_speed(self, machine: int, speed: float) -> None:
         p = self.plant
         if not isinstance(speed, int | float | np.number) or not math.isfinite(speed):

@@ -27,6 +27,9 @@ __all__ = [
     "MACHINE_SETPOINTS",
     "MACHINE_TELEMETRY",
     "MACHINE_VARIABLES",
+    "MACHINE_WORK_SETPOINTS",
+    "MACHINE_WORK_TELEMETRY",
+    "MACHINE_WORK_VARIABLES",
     "NODEMAP_SCHEMA",
     "PLANT_VARIABLES",
     "MachineNodes",
@@ -51,6 +54,26 @@ MACHINE_TELEMETRY = (
 #: Machine variables the supervisor writes.
 MACHINE_SETPOINTS = ("speed_setpoint", "run", "maintenance_request")
 MACHINE_VARIABLES = MACHINE_TELEMETRY + MACHINE_SETPOINTS
+#: Optional machine variables for a plant whose operations the agents start (``autofab run``):
+#: the operation interface of a machine that runs the plant's production orders by number.
+#: ``start_job`` (written by the supervisor) asks the machine to start the next operation of
+#: production order ``start_job``; ``job``/``op`` are the running operation (-1 when none),
+#: ``last_job``/``last_op``/``last_defect`` the last one finished, and ``load``,
+#: ``run_seconds`` and ``renewals`` (repairs and maintenance begun) complete the telemetry
+#: the agents read. A real plant's node map may leave them out; ``autofab run`` then says
+#: which are missing.
+MACHINE_WORK_TELEMETRY = (
+    "load",
+    "run_seconds",
+    "renewals",
+    "job",
+    "op",
+    "last_job",
+    "last_op",
+    "last_defect",
+)
+MACHINE_WORK_SETPOINTS = ("start_job",)
+MACHINE_WORK_VARIABLES = MACHINE_WORK_TELEMETRY + MACHINE_WORK_SETPOINTS
 #: Plant-wide variables; only ``watchdog_heartbeat`` is writable.
 PLANT_VARIABLES = ("power", "tariff", "plant_time", "watchdog_heartbeat", "watchdog_alarm")
 
@@ -91,6 +114,16 @@ class NodeMap:
                 f"{', '.join(nodes)}"
             )
         return nodes[variable]
+
+    def missing_work_variables(self) -> list[str]:
+        """``machine.variable`` for every operation-interface variable the map lacks (empty
+        when agents can start operations on every machine of this plant)."""
+        return [
+            f"{name}.{v}"
+            for name, m in self.machines.items()
+            for v in MACHINE_WORK_VARIABLES
+            if v not in m.nodes
+        ]
 
     def plant_node_id(self, variable: str) -> str:
         """The NodeId string of a plant-wide variable."""

@@ -21,11 +21,25 @@ Address space (namespace ``urn:autofab:plant:<plant>``, string NodeIds ``<plant>
                 speed_setpoint           Double, writable, EURange = the machine's limits
                 run                      Boolean, writable (cycle stop when false)
                 maintenance_request      Boolean, writable
+                start_job                Int64, writable (``dispatch="agents"`` only)
+                load, run_seconds, renewals, job, op, last_job, last_op, last_defect
+                                         the operation interface (nodemap.MACHINE_WORK_*)
 
 Scan cycle. Every ``tick_s`` of wall time the twin advances plant time by ``speedup`` times
 the elapsed wall time, dispatches idle running machines (oldest released job first, the
 twin's local dispatcher until agents take over), starts requested maintenance on idle
 machines, checks the watchdog and publishes telemetry.
+
+Who decides what runs. With ``dispatch="local"`` (``autofab plant serve``) the twin
+dispatches on its own, as above. With ``dispatch="agents"`` (``autofab run``) nothing starts
+unless told: a ``start_job`` write of production order ``j`` (the ``j``-th job of the shift's
+seeded order book, which the MES feed submits under the same number) makes the machine start
+that job's next operation as soon as it is idle, ``run`` is true and the job can start there
+(previous operation done, material in stock). ``run`` false clears a start not yet made. A
+machine that breaks down hands its operation back (the job waits at that operation, ready for
+any eligible machine), because the agents announce a broken machine's work again rather than
+wait for the repair. ``last_job``/``last_op``/``last_defect`` tell what each machine finished
+last; with the ``ops_done`` counter they are how the agents learn an operation is done.
 
 Setpoint writes are checked before they are stored, like a PLC's range check: a speed
 outside the machine's EURange is refused with ``BadOutOfRange`` (never clamped, so a writer
@@ -65,6 +79,7 @@ from asyncua.server.address_space import AttributeService
 
 from autofab.control.opcua.nodemap import (
     MACHINE_VARIABLES,
+    MACHINE_WORK_VARIABLES,
     PLANT_VARIABLES,
     MachineNodes,
     NodeMap,
@@ -89,6 +104,30 @@ _UNITS_NS = "http://www.opcfoundation.org/UA/units/un/cefact"
 _PORT_TRIES = 5
 #: Who asyncua's own writes run as (the server's internal session).
 _SERVER_USER = User(role=UserRole.Admin)
+_I64, _BOOL = ua.VariantType.Int64, ua.VariantType.Boolean
+#: Machine variables that are not Double.
+_MACHINE_TYPES: dict[str, ua.VariantType] = {
+    "state": ua.VariantType.Int32,
+    "run": _BOOL,
+    "maintenance_request": _BOOL,
+    "last_defect": _BOOL,
+    **{
+        v: _I64
+        for v in (
+            "ops_done",
+            "parts_good",
+            "parts_scrap",
+            "breakdowns",
+            "renewals",
+            "job",
+            "op",
+            "last_job",
+            "last_op",
+            "start_job",
+        )
+    },
+}
+_WRITABLE = frozenset({"speed_setpoint", "run", "maintenance_request", "start_job"})
 
 
 def _unece(code: str) -> int:
@@ -136,6 +175,7 @@ class TwinSettings:
     insecure_dev: bool = False
     watchdog_timeout_s: float = 5.0
     safe_state: Literal["stop", "safe_speed"] = "stop"
+    dispatch: Literal["local", "agents"] = "local"
     host: str = field(default=LOOPBACK)
 
     def __post_init__(self) -> None:
@@ -154,6 +194,8 @@ class TwinSettings:
             raise ValueError(
                 f"safe_state: expected 'stop' or 'safe_speed', got {self.safe_state!r}"
             )
+        if self.dispatch not in ("local", "agents"):
+            raise ValueError(f"dispatch: expected 'local' or 'agents', got {self.dispatch!r}")
         if self.host not in (LOOPBACK, "localhost"):
             raise ValueError(f"host: the twin serves on loopback only, got {self.host!r}")
 
@@ -215,6 +257,16 @@ class PlantTwin:
         n = self.model.plant.n_machines
         self.run = np.ones(n, dtype=bool)
         self.maintenance_request = np.zeros(n, dtype=bool)
+        #: ``dispatch="agents"``: the production order each machine was told to start next
+        #: (-1: none), and what it finished last (job, operation index, defective).
+        self.pending_job = np.full(n, -1, dtype=np.int64)
+        self.last_job = np.full(n, -1, dtype=np.int64)
+        self.last_op = np.full(n, -1, dtype=np.int64)
+        self.last_defect = np.zeros(n, dtype=bool)
+        self._attempts_seen = 0
+        self.aborted = 0
+        #: Setpoint writes the twin accepted from a client (heartbeats not counted).
+        self.accepted_writes = 0
         self.watchdog_alarm = False
         self.watchdog_trips = 0
         self._last_beat: int | None = None
@@ -369,15 +421,9 @@ class PlantTwin:
                     obj = await folder.add_object(
                         ua.NodeId(base, idx), ua.QualifiedName(machine, idx)
                     )
-                    for vname in MACHINE_VARIABLES:
-                        vtype = {
-                            "state": ua.VariantType.Int32,
-                            "run": boolean,
-                            "maintenance_request": boolean,
-                        }.get(vname, dbl)
-                        if vname in ("ops_done", "parts_good", "parts_scrap", "breakdowns"):
-                            vtype = i64
-                        writable = vname in ("speed_setpoint", "run", "maintenance_request")
+                    for vname in MACHINE_VARIABLES + MACHINE_WORK_VARIABLES:
+                        vtype = _MACHINE_TYPES.get(vname, dbl)
+                        writable = vname in _WRITABLE
                         rng = (
                             (float(p.speed_min[m]), float(p.speed_max[m]))
                             if vname == "speed_setpoint"
@@ -396,7 +442,10 @@ class PlantTwin:
             for entry in line.machines:
                 for machine in entry.names():
                     base = f"{self.plant}.{line.name}.{machine}"
-                    nodes = {v: f"ns={idx};s={base}.{v}" for v in MACHINE_VARIABLES}
+                    nodes = {
+                        v: f"ns={idx};s={base}.{v}"
+                        for v in MACHINE_VARIABLES + MACHINE_WORK_VARIABLES
+                    }
                     machines[machine] = MachineNodes(line.name, nodes)
         return NodeMap(self.plant, self.endpoint, self.namespace_uri, plant_vars, machines)
 
@@ -417,6 +466,14 @@ class PlantTwin:
             return None if ok else ua.StatusCodes.BadTypeMismatch
         if self.watchdog_alarm:
             return ua.StatusCodes.BadInvalidState
+        if name == "start_job":
+            if isinstance(value, bool) or not isinstance(value, int):
+                return ua.StatusCodes.BadTypeMismatch
+            if self.settings.dispatch != "agents":
+                return ua.StatusCodes.BadNotSupported
+            if not 0 <= value < self.model.instance.n_jobs:
+                return ua.StatusCodes.BadOutOfRange
+            return None
         if name == "speed_setpoint":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 return ua.StatusCodes.BadTypeMismatch
@@ -430,12 +487,18 @@ class PlantTwin:
         """Act on an accepted, stored write at once (the scan cycle publishes the result)."""
         m, name = self._writable[wv.NodeId.Identifier]
         value = wv.Value.Value.Value
+        if name != "watchdog_heartbeat":
+            self.accepted_writes += 1
         if name == "watchdog_heartbeat":
             self._heartbeat(int(value))
         elif name == "speed_setpoint":
             self.model.set_speed(m, float(value))
         elif name == "run":
             self.run[m] = bool(value)
+            if not value:
+                self.pending_job[m] = -1
+        elif name == "start_job":
+            self.pending_job[m] = int(value)
         else:
             self.maintenance_request[m] = bool(value)
 
@@ -477,17 +540,48 @@ class PlantTwin:
         for m in np.flatnonzero(self.maintenance_request & (model.status == MachineStatus.IDLE)):
             model.start_maintenance(int(m))
             self.maintenance_request[m] = False
+        if self.settings.dispatch == "agents":
+            self._start_requested()
+            return
         for m in model.needs_decision():
             if not self.run[m] or self.maintenance_request[m]:
                 continue
             jobs = model.candidates(int(m))
             model.decide(int(m), int(jobs[0]) if len(jobs) else None)
 
+    def _start_requested(self) -> None:
+        """Start each requested operation whose machine is idle and running, once the job
+        can start there (its previous operation done, its material in stock)."""
+        model = self.model
+        idle = model.status == MachineStatus.IDLE
+        for m in np.flatnonzero((self.pending_job >= 0) & idle & self.run):
+            job = int(self.pending_job[m])
+            if self.maintenance_request[m] or job not in model.candidates(int(m)):
+                continue
+            model.decide(int(m), job)
+            self.pending_job[m] = -1
+
+    def _after_step(self) -> None:
+        """Record what each machine finished last, and (agents dispatching) hand the
+        operation of a broken-down machine back, for the agents to place elsewhere."""
+        model = self.model
+        for attempt in model.attempts[self._attempts_seen :]:
+            m = int(attempt["machine"])
+            self.last_job[m] = int(attempt["job"])
+            self.last_op[m] = int(attempt["index"])
+            self.last_defect[m] = bool(attempt["defective"])
+        self._attempts_seen = len(model.attempts)
+        if self.settings.dispatch == "agents":
+            for m in np.flatnonzero(model.status == MachineStatus.DOWN):
+                if model.abort_operation(int(m)) is not None:
+                    self.aborted += 1
+
     def step(self, wall_dt: float) -> None:
         """One scan: advance plant time by ``speedup * wall_dt`` and dispatch. Public so
         tests and tools can step the twin deterministically."""
         self._dispatch()
         self.model.run_until(self.model.now + self.settings.speedup * wall_dt)
+        self._after_step()
         self._dispatch()
 
     async def _scan_loop(self) -> None:
@@ -505,6 +599,7 @@ class PlantTwin:
         model, p = self.model, self.model.plant
         sensors = model.sensors()
         running = model.status == MachineStatus.RUNNING
+        op_job, op_index = self.model.instance.op_job, self.model.instance.op_index
         values: list[tuple[str, Any, ua.VariantType]] = [
             (f"{self.plant}.power", model.plant_power_w(), ua.VariantType.Double),
             (f"{self.plant}.tariff", model.tariff_now(), ua.VariantType.Double),
@@ -519,6 +614,7 @@ class PlantTwin:
                     m = p.machine_names.index(machine)
                     b = f"{self.plant}.{line.name}.{machine}"
                     good, bad = int(model.parts_good[m]), int(model.parts_defective[m])
+                    op = max(int(model.machine_op[m]), 0)
                     values += [
                         (f"{b}.state", int(model.status[m]), ua.VariantType.Int32),
                         (f"{b}.speed", float(model.speed[m]) if running[m] else 0.0, dbl),
@@ -529,6 +625,18 @@ class PlantTwin:
                         (f"{b}.parts_good", good, i64),
                         (f"{b}.parts_scrap", bad, i64),
                         (f"{b}.breakdowns", int(model.breakdowns[m]), i64),
+                        (f"{b}.load", float(model.load[m]) if running[m] else 0.0, dbl),
+                        (f"{b}.run_seconds", float(model.run_s[m]), dbl),
+                        (
+                            f"{b}.renewals",
+                            int(model.breakdowns[m] + model.maintenances[m]),
+                            i64,
+                        ),
+                        (f"{b}.job", int(op_job[op]) if running[m] else -1, i64),
+                        (f"{b}.op", int(op_index[op]) if running[m] else -1, i64),
+                        (f"{b}.last_job", int(self.last_job[m]), i64),
+                        (f"{b}.last_op", int(self.last_op[m]), i64),
+                        (f"{b}.last_defect", bool(self.last_defect[m]), ua.VariantType.Boolean),
                     ]
                     mirrors.append((b, m))
         for key, value, vtype in values:

@@ -287,3 +287,57 @@ def test_snapshot_restore_keeps_the_queue(mill):
 def test_speed_outside_limits_is_refused():
     with pytest.raises(ValueError, match="outside"):
         MachineAgent.from_plant("mill-1", CONFIG, speed=2.0)
+
+
+def _telemetry(**kw) -> Telemetry:
+    fields = dict(
+        machine="mill-1",
+        plant_time=10.0,
+        status="idle",
+        speed_setpoint=1.0,
+        load=1.0,
+        run_seconds=5.0,
+        renewals=0,
+        vibration_mm_s=1.0,
+        temperature_c=30.0,
+        power_w=0.0,
+        ops_done=0,
+    )
+    return Telemetry(**{**fields, **kw})
+
+
+def test_numbered_order_is_started_by_number_and_finished_by_telemetry(mill):
+    mill.handle(S.telemetry("mill-1"), _telemetry(), Now(0.5, 0.0))  # the counter as found
+    call = cfp()
+    mill.handle(S.cfp("mill"), call, AWARDED_AT)
+    out = mill.handle(
+        S.award("r1"),
+        Accept(round_id="r1", machine="mill-1", job="j1", op=0, plant_job=7),
+        AWARDED_AT,
+    )
+    (req,) = messages(out, PowerRequest)
+    grant = PowerGrant(request_id=req.request_id, machine="mill-1", power_w=1, until_at=1e4)
+    out = mill.handle(S.energy_reply("mill-1"), grant, Now(1.2, 12.0))
+    sets = [(s.variable, s.value) for s in messages(out, SetpointRequest)]
+    assert sets == [("speed_setpoint", 1.0), ("start_job", 7.0), ("run", 1.0)]
+    # No sign of it at the plant: the start is asked again after start_confirm_seconds.
+    again = mill.on_timer(Now(1.2 + mill.start_confirm_seconds, 20.0))
+    assert [s.variable for s in messages(again, SetpointRequest)] == [
+        "speed_setpoint",
+        "start_job",
+        "run",
+    ]
+    running = _telemetry(status="running", plant_job=7, plant_op=0)
+    assert mill.handle(S.telemetry("mill-1"), running, Now(4.0, 30.0)) == []
+    assert not mill._start_unconfirmed(mill.queue[0])
+    # Another machine's work finishing here would be a plant/agent mismatch: counted.
+    other = _telemetry(ops_done=1, last_plant_job=3, last_plant_op=0)
+    assert mill.handle(S.telemetry("mill-1"), other, Now(5.0, 40.0)) == []
+    assert mill.ignored["plant_finished_other"] == 1
+    finished = _telemetry(ops_done=2, last_plant_job=7, last_plant_op=0, last_defect=True)
+    out = mill.handle(S.telemetry("mill-1"), finished, Now(6.0, 650.0))
+    (done,) = messages(out, InformDone)
+    assert (done.job, done.op, done.defect) == ("j1", 0, True)
+    assert mill.active_operation() is None
+    # The same counter again is not a second completion.
+    assert messages(mill.handle(S.telemetry("mill-1"), finished, Now(7.0, 660.0)), InformDone) == []

@@ -295,6 +295,12 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "value": st.floats(allow_nan=False, allow_infinity=False),
     "machines": st.lists(_tokens, min_size=1, max_size=8),
     "jobs": st.lists(_tokens, min_size=1, max_size=8),
+    "plant_job": st.integers(min_value=0, max_value=10**6),
+    "last_plant_job": st.integers(min_value=0, max_value=10**6),
+    "plant_op": st.integers(min_value=0, max_value=100),
+    "last_plant_op": st.integers(min_value=0, max_value=100),
+    "ops_done": st.integers(min_value=0, max_value=10**6),
+    "last_defect": st.booleans(),
 }
 
 
@@ -313,6 +319,8 @@ def _strategy(model: type[BaseModel]) -> st.SearchStrategy[Any]:
             base = st.lists(_strategy(OrderItem), min_size=1, max_size=4)
         elif get_origin(annotation) is Literal:
             base = st.sampled_from(get_args(annotation))
+        elif model is OrderSubmit and name == "plant_job":
+            base = st.none()  # only valid on one-unit orders; tested on its own
         elif model is OrderItem and name == "quantity":
             base = st.integers(min_value=1, max_value=10**6)
         else:

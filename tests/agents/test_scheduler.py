@@ -283,3 +283,42 @@ def test_from_plant_reads_routes_and_ignores_other_messages():
     accept = Accept(round_id="r", machine="m", job="j", op=0)
     assert agent.handle(S.award("r"), accept, Now(0, 0)) == []
     assert agent.ignored == {"unexpected_accept": 1}
+
+
+def test_plant_job_travels_with_calls_and_awards():
+    agent = make()
+    msg = OrderSubmit(
+        client_order_id="c9", items=[OrderItem(product="part")], due_at=5000.0, plant_job=12
+    )
+    call = only(agent.handle(S.orders_submit, msg, START, reply_to="_INBOX.1"), CallForProposals)
+    assert call.plant_job == 12
+    agent.handle(S.bid(call.round_id), proposal(call.round_id, "m1", 700.0), START)
+    assert only(agent.on_timer(Now(call.deadline, 1.0)), Accept).plant_job == 12
+    with pytest.raises(ValueError, match="one unit"):
+        OrderSubmit(
+            client_order_id="c10",
+            items=[OrderItem(product="part", quantity=2)],
+            due_at=1.0,
+            plant_job=1,
+        )
+
+
+@pytest.mark.parametrize(("on_defect", "redo"), [("rework", 1), ("scrap", 0)])
+def test_defective_part_is_made_again(on_defect, redo):
+    agent = make(on_defect=on_defect)
+    first = awarded(agent)
+    second = only(
+        agent.handle(S.result(first.round_id), done(first, "m1"), START), CallForProposals
+    )
+    assert second.op == 1
+    agent.handle(S.bid(second.round_id), proposal(second.round_id, "m2", 900.0), START)
+    agent.on_timer(Now(second.deadline, 1.0))
+    bad = done(second, "m2", finished=900.0).model_copy(update={"defect": True})
+    again = only(agent.handle(S.result(second.round_id), bad, START), CallForProposals)
+    assert again.op == redo
+    assert again.round_id != second.round_id
+    assert agent.reannounced["defect"] == 1
+    # Completions list the work on good parts only: a scrapped part's are dropped.
+    assert [(c.job, c.op) for c in agent.completions] == [(first.job, 0)][: 1 - (redo == 0)]
+    with pytest.raises(ValueError, match="on_defect"):
+        make(on_defect="melt")

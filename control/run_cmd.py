@@ -1,0 +1,586 @@
+"""``autofab run``: the whole loop, agents as Ray actors, from one command.
+
+Start order (ARCHITECTURE.md, "Runtime"):
+
+1. **NATS**: the embedded ``nats-server`` with generated credentials, or ``--nats-url``.
+2. **The plant**: the OPC UA plant twin in this process, secured (Basic256Sha256,
+   SignAndEncrypt, generated certificates), with ``dispatch="agents"``: nothing runs on the
+   plant unless the supervisor writes it.
+3. **Ray**: local by default, or ``--ray-address`` to join a cluster.
+4. **The actors** (:mod:`autofab.control.cluster`): supervisor, telemetry gateway,
+   scheduler, energy, supply and the machine hosts. ``agents_ready_s`` is the wall time
+   from the command's start until every actor has started its part.
+5. **The MES feed**: the config's orders (the same seeded order book the twin runs, one
+   production order per job), each submitted over NATS request/reply when plant time
+   reaches its release, with the plant's order number (``plant_job``), and resubmitted
+   under the same client order id after a timeout.
+
+The loop that results::
+
+    MES --orders.submit--> scheduler --cfp/accept--> machine hosts --setpoint.request-->
+    supervisor --OPC UA write (checked)--> plant twin --OPC UA read--> gateway
+    --telemetry--> machine hosts --inform_done--> scheduler
+
+The run ends when plant time reaches ``--duration``, when every order is done, or on
+Ctrl-C; then every actor is stopped (agents write their last state), Ray, the twin and the
+embedded server are shut down, and the report is printed and, with ``--report``, written
+as JSON. Nothing is left running: the embedded server runs in its own session and is
+stopped (or killed) on every path out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autofab.agents.protocol import OrderAck, OrderRefused, OrderSubmit, Subjects
+from autofab.control.cluster import (
+    HOSTINGS,
+    ActorSpec,
+    Hosting,
+    RunContext,
+    actor_options,
+    plan_actors,
+    remote_class,
+)
+from autofab.control.console import console, err_console, fail, user_errors
+from autofab.control.natsd import EmbeddedNats, NatsEndpoint, NatsServerError
+from autofab.control.negotiate_cmd import (
+    PlannedOrder,
+    _quiet_logging,
+    _sigint_sets,
+    config_orders,
+    connect_bus,
+)
+from autofab.control.opcua.twin import PlantTwin, TwinSettings
+from autofab.envs.plant import PlantConfig, format_duration, load_plant, parse_duration
+
+__all__ = ["PlantRun", "RunSettings", "run"]
+
+log = logging.getLogger(__name__)
+
+EXIT_STARTUP: Final = 3
+EXIT_INTERRUPTED: Final = 130
+#: Wall seconds the MES waits for an order's answer before sending it again.
+ORDER_TIMEOUT_S: Final = 2.0
+#: Wall seconds between the driver's polls of the actors (the live view).
+POLL_S: Final = 0.5
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What ``autofab run`` was asked to do; checked on creation."""
+
+    duration_s: float
+    speedup: float = 120.0
+    seed: int = 0
+    hosting: Hosting = "per_line"
+    num_cpus: float = 0.0
+    max_restarts: int = 3
+    ray_address: str | None = None
+    nats: NatsEndpoint | None = None
+    policy: str | None = None
+    cert_dir: Path | None = None
+    watchdog_timeout_s: float = 5.0
+    agent_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration: expected plant seconds > 0, got {self.duration_s!r}")
+        if not (math.isfinite(self.speedup) and self.speedup > 0):
+            raise ValueError(f"speedup: expected a positive number, got {self.speedup!r}")
+        if self.hosting not in HOSTINGS:
+            raise ValueError(
+                f"hosting: expected one of {', '.join(HOSTINGS)}, got {self.hosting!r}"
+            )
+        if self.num_cpus < 0 or self.max_restarts < 0:
+            raise ValueError("num_cpus and max_restarts must be >= 0")
+
+
+@dataclass
+class RunProgress:
+    """What the live view shows, refreshed every :data:`POLL_S`."""
+
+    plant_time: float = 0.0
+    duration_s: float = 0.0
+    orders_submitted: int = 0
+    orders_total: int = 0
+    jobs_done: int = 0
+    ops_in_progress: int = 0
+    machines: dict[str, str] = field(default_factory=dict)
+    power_kw: float = 0.0
+    cap_kw: float = 0.0
+    safety: dict[str, int] = field(default_factory=dict)
+    actors_up: int = 0
+    actors: int = 0
+
+
+class PlantRun:
+    """One ``autofab run``: use ``async with PlantRun(config, settings) as run:`` and
+    ``await run.run_until_done(stop)``; :meth:`report` afterwards."""
+
+    def __init__(self, config: PlantConfig, settings: RunSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.subjects = Subjects(config.name)
+        self.specs: list[ActorSpec] = plan_actors(
+            config,
+            settings.hosting,
+            num_cpus=settings.num_cpus,
+            max_restarts=settings.max_restarts,
+        )
+        self.orders: list[PlannedOrder] = [
+            o for o in config_orders(config, settings.seed) if o.arrival_at < settings.duration_s
+        ]
+        self.t0 = time.monotonic()
+        self.agents_ready_s: float | None = None
+        self.twin: PlantTwin | None = None
+        self.actors: dict[str, Any] = {}
+        self.acks: dict[str, OrderAck | OrderRefused] = {}
+        self.last_stats: dict[str, dict[str, Any]] = {}
+        self.endpoint: NatsEndpoint | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._ray: Any = None
+        self._ray_started = False
+        self._bus: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> PlantRun:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Everything up to all actors ready (steps 1 to 4 of the module docstring)."""
+        s = self.settings
+        if s.nats is None:
+            server = await self._stack.enter_async_context(EmbeddedNats())
+            self.endpoint = server.endpoint
+        else:
+            self.endpoint = s.nats
+        self._bus = await connect_bus(self.endpoint, timeout=10.0)
+        self._stack.push_async_callback(self._bus.close)
+        twin_settings = TwinSettings(
+            speedup=s.speedup,
+            seed=s.seed,
+            cert_dir=s.cert_dir,
+            dispatch="agents",
+            watchdog_timeout_s=s.watchdog_timeout_s,
+        )
+        self.twin = PlantTwin(self.config, twin_settings)
+        await self.twin.start()
+        self._stack.push_async_callback(self.twin.stop)
+        self._start_ray()
+        from autofab.control.supervisor_runtime import ensure_operator_token
+
+        context = RunContext(
+            config=self.config.model_dump(mode="json"),
+            nats=self.endpoint,
+            speedup=s.speedup,
+            plant_start=self.twin.model.now,
+            wall_start=time.time(),
+            hosting=s.hosting,
+            cert_dir=str(self.twin.cert_dir),
+            nodemap_path=str(self.twin.nodemap_path),
+            operator_token=ensure_operator_token(self.config.name),
+            policy=s.policy,
+            agent_settings={k: dict(v) for k, v in s.agent_settings.items()},
+        )
+        actor_class = remote_class(self._ray)
+        for spec in self.specs:
+            self.actors[spec.name] = actor_class.options(**actor_options(spec)).remote(
+                context, spec
+            )
+        await asyncio.gather(*(a.start.remote() for a in self.actors.values()))
+        self.agents_ready_s = time.monotonic() - self.t0
+
+    def _start_ray(self) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        from autofab.control.ray_tasks import LOCAL_OBJECT_STORE_BYTES, RayAddressError
+
+        self._ray = ray
+        if ray.is_initialized():
+            return
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+        address = self.settings.ray_address
+        if address is None:
+            ray.init(
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                **quiet,
+            )
+        else:
+            try:
+                ray.init(address=address, **quiet)
+            except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
+                raise RayAddressError(address, str(exc).strip().splitlines()[0]) from None
+        self._ray_started = True
+
+    async def stop(self) -> None:
+        """Stop the actors (their agents write their last state), Ray, the twin and NATS."""
+        if self.actors:
+            stops = [a.stop.remote() for a in self.actors.values()]
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), 10.0)
+            for actor in self.actors.values():
+                with contextlib.suppress(Exception):
+                    self._ray.kill(actor, no_restart=True)
+            self.actors = {}
+        if self._ray_started:
+            self._ray.shutdown()
+            self._ray_started = False
+        await self._stack.aclose()
+
+    # -- running -----------------------------------------------------------------------
+
+    @property
+    def endpoint_text(self) -> str:
+        """The plant's OPC UA endpoint, for people."""
+        return self.twin.endpoint if self.twin is not None else "(not started)"
+
+    @property
+    def plant_time(self) -> float:
+        assert self.twin is not None
+        return self.twin.model.now
+
+    def finished(self) -> bool:
+        """Plant time reached the duration, or every order submitted is done."""
+        assert self.twin is not None
+        model = self.twin.model
+        if self.plant_time >= self.settings.duration_s - 1e-6 or model.done:
+            return True
+        return len(self.acks) == len(self.orders) and model.jobs_done >= len(self.orders)
+
+    async def _feed_orders(self) -> None:
+        """The MES: submit each order at its release (plant time), with the plant's number."""
+        for planned in self.orders:
+            while self.plant_time < planned.arrival_at:
+                wait = (planned.arrival_at - self.plant_time) / self.settings.speedup
+                await asyncio.sleep(min(max(wait, 0.01), 0.5))
+            submit = planned.submit
+            job = int(submit.client_order_id.rsplit("-", 1)[1]) - 1
+            message = OrderSubmit.model_validate({**submit.model_dump(), "plant_job": job})
+            while submit.client_order_id not in self.acks:
+                try:
+                    answer = await self._bus.request(
+                        self.subjects.orders_submit, message, timeout=ORDER_TIMEOUT_S
+                    )
+                except (TimeoutError, ConnectionError) as exc:
+                    log.warning("order %s: %s; sending again", submit.client_order_id, exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                if isinstance(answer, OrderAck | OrderRefused):
+                    self.acks[submit.client_order_id] = answer
+                    if isinstance(answer, OrderRefused):
+                        log.warning("order %s refused: %s", submit.client_order_id, answer.reason)
+
+    async def poll(self) -> RunProgress:
+        """Ask every actor for its counters (an actor being restarted is skipped)."""
+        names = list(self.actors)
+        refs = [self.actors[n].stats.remote() for n in names]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(r, 5.0) for r in refs), return_exceptions=True
+        )
+        up = 0
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, dict):
+                self.last_stats[name] = result
+                up += 1
+        return self.progress(up)
+
+    def progress(self, actors_up: int | None = None) -> RunProgress:
+        assert self.twin is not None
+        model = self.twin.model
+        names = model.plant.machine_names
+        states = ("idle", "running", "down", "maintenance")
+        return RunProgress(
+            plant_time=model.now,
+            duration_s=self.settings.duration_s,
+            orders_submitted=len(self.acks),
+            orders_total=len(self.orders),
+            jobs_done=int(model.jobs_done),
+            ops_in_progress=int((model.status == 1).sum()),
+            machines={names[m]: states[int(model.status[m])] for m in range(len(names))},
+            power_kw=model.plant_power_w() / 1e3,
+            cap_kw=model.cap_w / 1e3,
+            safety=self.safety(),
+            actors_up=len(self.actors) if actors_up is None else actors_up,
+            actors=len(self.specs),
+        )
+
+    def safety(self) -> dict[str, int]:
+        sup = self.last_stats.get("supervisor", {}).get("supervisor", {})
+        outcomes: dict[str, int] = dict(sup.get("outcomes", {}))
+        counts = {k: int(outcomes.get(k, 0)) for k in ("applied", "clamped", "rejected")}
+        return {"requests": sum(outcomes.values()), **counts}
+
+    async def run_until_done(
+        self,
+        stop: asyncio.Event | None = None,
+        on_progress: Callable[[RunProgress], None] | None = None,
+    ) -> str:
+        """Run until :meth:`finished` (``"done"``) or ``stop`` is set (``"stopped"``)."""
+        feeder = asyncio.create_task(self._feed_orders(), name="autofab-mes")
+        try:
+            while True:
+                p = await self.poll()
+                if on_progress is not None:
+                    on_progress(p)
+                if self.finished():
+                    outcome = "done"
+                    break
+                if stop is not None and stop.is_set():
+                    outcome = "stopped"
+                    break
+                if feeder.done() and feeder.exception() is not None:
+                    raise feeder.exception()  # type: ignore[misc]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        stop.wait() if stop is not None else asyncio.sleep(POLL_S), POLL_S
+                    )
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feeder
+        await self.poll()
+        return outcome
+
+    def report(self) -> dict[str, Any]:
+        """The run's report: the issue's keys, plus where each number comes from."""
+        assert self.twin is not None
+        k = self.twin.model.kpis()
+        scheduler = self.last_stats.get("scheduler", {}).get("agents", {}).get("scheduler", {})
+        return {
+            "plant": self.config.name,
+            "seed": self.settings.seed,
+            "speedup": self.settings.speedup,
+            "hosting": self.settings.hosting,
+            "actors": len(self.specs),
+            "agents_ready_s": self.agents_ready_s,
+            "plant_time_s": k["sim_time_s"],
+            "wall_s": time.monotonic() - self.t0,
+            "orders_submitted": len(self.acks),
+            "parts_good": k["parts_good"],
+            "parts_scrap": k["parts_scrap"],
+            "makespan_s": k["makespan_s"],
+            "tardiness_s": k["tardiness_s"],
+            "oee": k["oee"],
+            "energy_kwh": k["energy_kwh"],
+            "energy_cost": k["energy_cost"],
+            "peak_kw": k["peak_kw"],
+            "cap_kw": k["cap_kw"],
+            "cap_violations": k["cap_violations"],
+            "safety": self.safety(),
+            "breakdowns": k["breakdowns"],
+            "maintenance": k["maintenance"],
+            "operations_done": scheduler.get("operations_done"),
+            "reannounced": scheduler.get("reannounced", {}),
+            "plant_writes_accepted": self.twin.accepted_writes,
+            "watchdog_trips": self.twin.watchdog_trips,
+        }
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def _progress_text(p: RunProgress) -> str:
+    counts: dict[str, int] = {}
+    for state in p.machines.values():
+        counts[state] = counts.get(state, 0) + 1
+    states = " ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    s = p.safety
+    return (
+        f"actors {p.actors_up}/{p.actors} | orders {p.orders_submitted}/{p.orders_total} "
+        f"| done {p.jobs_done} | running {p.ops_in_progress} | {states} | power "
+        f"{p.power_kw:.0f}/{p.cap_kw:.0f} kW | safety applied {s.get('applied', 0)} clamped "
+        f"{s.get('clamped', 0)} rejected {s.get('rejected', 0)}"
+    )
+
+
+def print_report(report: Mapping[str, Any]) -> None:
+    table = Table(title=f"autofab run: {report['plant']}", show_header=False)
+    table.add_column("key")
+    table.add_column("value", justify="right")
+    oee = report["oee"]
+    rows: Sequence[tuple[str, str]] = (
+        ("agents ready", f"{report['agents_ready_s']:.1f} s"),
+        ("plant time", format_duration(report["plant_time_s"])),
+        ("parts good / scrap", f"{report['parts_good']} / {report['parts_scrap']}"),
+        ("makespan", format_duration(report["makespan_s"])),
+        ("tardiness", format_duration(report["tardiness_s"])),
+        (
+            "OEE (A x P x Q)",
+            f"{oee['oee']:.1%} = {oee['availability']:.1%} x {oee['performance']:.1%} x "
+            f"{oee['quality']:.1%}",
+        ),
+        ("energy", f"{report['energy_kwh']:.1f} kWh, cost {report['energy_cost']:.2f}"),
+        ("peak power", f"{report['peak_kw']:.1f} kW (cap {report['cap_kw']:.0f})"),
+        ("cap violations", str(report["cap_violations"])),
+        (
+            "safety",
+            "requests {requests}, applied {applied}, clamped {clamped}, rejected {rejected}".format(
+                **report["safety"]
+            ),
+        ),
+        ("breakdowns / maintenance", f"{report['breakdowns']} / {report['maintenance']}"),
+    )
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+async def _run(
+    config: PlantConfig, settings: RunSettings, live: bool
+) -> tuple[str, dict[str, Any]]:
+    interrupted = asyncio.Event()
+    with _sigint_sets(interrupted):
+        async with PlantRun(config, settings) as plant_run:
+            console.print(
+                f"[bold]{config.name}[/]: {len(plant_run.specs)} actors ready in "
+                f"{plant_run.agents_ready_s:.1f} s; plant at {plant_run.endpoint_text}"
+            )
+            progress = Progress(
+                TextColumn("[bold]plant time"),
+                BarColumn(bar_width=20),
+                TextColumn("{task.fields[clock]} | {task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=console,
+                disable=not live,
+            )
+            with progress:
+                task = progress.add_task(
+                    config.name, total=settings.duration_s, clock="0:00", detail="starting"
+                )
+
+                def show(p: RunProgress) -> None:
+                    progress.update(
+                        task,
+                        completed=p.plant_time,
+                        clock=format_duration(p.plant_time),
+                        detail=_progress_text(p),
+                    )
+
+                outcome = await plant_run.run_until_done(interrupted, show)
+            report = plant_run.report()
+    return outcome, report
+
+
+def run(
+    config: Annotated[
+        str,
+        typer.Argument(help="A plant YAML file, or a shipped plant name such as 'demo'."),
+    ] = "demo",
+    duration: Annotated[
+        str | None,
+        typer.Option(
+            "--duration",
+            help="Simulated time to run, like 8h, 30m or 90s [default: the config's horizon].",
+            show_default=False,
+        ),
+    ] = None,
+    speedup: Annotated[
+        float, typer.Option("--speedup", min=1e-3, help="Plant seconds per wall second.")
+    ] = 120.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the orders and the plant.")] = 0,
+    hosting: Annotated[
+        str,
+        typer.Option("--hosting", help="Machine agents per actor: per_line or per_agent."),
+    ] = "per_line",
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Join this Ray cluster instead of a local Ray."),
+    ] = None,
+    nats_url: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-url", envvar="AUTOFAB_NATS_URL", help="Use this NATS server (JetStream)."
+        ),
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", envvar="AUTOFAB_NATS_USER", help="NATS user.")
+    ] = None,
+    password: Annotated[
+        str | None,
+        typer.Option("--password", envvar="AUTOFAB_NATS_PASSWORD", help="NATS password."),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help="Learned bidding policy for the machine agents: a file, or 'default' "
+            "(the shipped one) [default: the rule].",
+        ),
+    ] = None,
+    report_path: Annotated[
+        Path | None, typer.Option("--report", help="Write the final report as JSON here.")
+    ] = None,
+    cert_dir: Annotated[
+        Path | None,
+        typer.Option("--cert-dir", help="Where the plant's certificates live (made on first run)."),
+    ] = None,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view.")] = True,
+) -> None:
+    """Run the whole loop: agents as Ray actors over NATS, the supervisor, the plant twin.
+
+    With no argument it runs the demo plant on the embedded default: local Ray, an
+    embedded nats-server with generated credentials, and the OPC UA plant twin, all
+    secured. Ctrl-C stops everything cleanly and prints the report.
+    """
+    with user_errors():
+        plant = load_plant(config)
+        settings = RunSettings(
+            duration_s=parse_duration(duration) if duration else plant.horizon_seconds,
+            speedup=speedup,
+            seed=seed,
+            hosting=hosting,  # type: ignore[arg-type]
+            ray_address=ray_address,
+            nats=None if nats_url is None else NatsEndpoint(nats_url, user, password),
+            policy=None if policy == "rules" else policy,
+            cert_dir=cert_dir,
+        )
+        if settings.policy is not None:
+            from autofab.agents.policies.bidding_policy import load_bidding_policy
+
+            load_bidding_policy(policy)  # refuse a bad policy before anything starts
+    if nats_url is None and (user is not None or password is not None):
+        fail("--user and --password go with --nats-url (the embedded server makes its own)")
+    _quiet_logging()
+    try:
+        outcome, report = asyncio.run(_run(plant, settings, live))
+    except (ConnectionError, NatsServerError, OSError, TimeoutError) as error:
+        fail(f"could not start: {error}", code=EXIT_STARTUP)
+    except Exception as error:  # Ray's own startup errors, named
+        if type(error).__name__ in ("RayAddressError", "RaySystemError", "RayActorError"):
+            fail(f"could not start Ray: {error}", code=EXIT_STARTUP)
+        raise
+    print_report(report)
+    if report_path is not None:
+        with user_errors(f"cannot write the report {str(report_path)!r}"):
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        console.print(f"wrote the report to {report_path}")
+    if outcome == "stopped":
+        err_console.print("stopped by Ctrl-C")
+        raise typer.Exit(EXIT_INTERRUPTED)
