@@ -194,6 +194,9 @@ class HostActor:
         return {"name": self.spec.name, "pid": os.getpid(), "ready_at": self.started_at}
 
     async def _start(self) -> None:
+        # asyncua logs routine session details at INFO and WARNING; the run's log is for
+        # what needs attention.
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
         from autofab.control.bus import AgentRunner, BusSettings, SpeedupClock
         from autofab.control.negotiate_cmd import connect_bus
 

@@ -60,13 +60,14 @@ from autofab.control.console import console, err_console, fail, user_errors
 from autofab.control.natsd import EmbeddedNats, NatsEndpoint, NatsServerError
 from autofab.control.negotiate_cmd import (
     PlannedOrder,
+    _hm,
     _quiet_logging,
     _sigint_sets,
     config_orders,
     connect_bus,
 )
 from autofab.control.opcua.twin import PlantTwin, TwinSettings
-from autofab.envs.plant import PlantConfig, format_duration, load_plant, parse_duration
+from autofab.envs.plant import PlantConfig, load_plant, parse_duration
 
 __all__ = ["PlantRun", "RunSettings", "run"]
 
@@ -426,10 +427,10 @@ def print_report(report: Mapping[str, Any]) -> None:
     oee = report["oee"]
     rows: Sequence[tuple[str, str]] = (
         ("agents ready", f"{report['agents_ready_s']:.1f} s"),
-        ("plant time", format_duration(report["plant_time_s"])),
+        ("plant time", _hm(report["plant_time_s"])),
         ("parts good / scrap", f"{report['parts_good']} / {report['parts_scrap']}"),
-        ("makespan", format_duration(report["makespan_s"])),
-        ("tardiness", format_duration(report["tardiness_s"])),
+        ("makespan", _hm(report["makespan_s"])),
+        ("tardiness", _hm(report["tardiness_s"])),
         (
             "OEE (A x P x Q)",
             f"{oee['oee']:.1%} = {oee['availability']:.1%} x {oee['performance']:.1%} x "
@@ -478,7 +479,7 @@ async def _run(
                     progress.update(
                         task,
                         completed=p.plant_time,
-                        clock=format_duration(p.plant_time),
+                        clock=_hm(p.plant_time),
                         detail=_progress_text(p),
                     )
 
