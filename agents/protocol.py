@@ -100,6 +100,8 @@ __all__ = [
     "OrderStatus",
     "OrderStatusQuery",
     "OrderSubmit",
+    "PolicyDeploy",
+    "PolicyDeployed",
     "PowerDeny",
     "PowerGrant",
     "PowerRelease",
@@ -658,6 +660,26 @@ class OrderStatus(MessageBase):
     finish_at: PlantTime | None = None
 
 
+class PolicyDeploy(MessageBase):
+    """An operator asks the machine hosts to use another bidding policy: a policy file,
+    ``"default"`` (the shipped learned one) or ``"rules"``. Each host answers with
+    :class:`PolicyDeployed`; a host that cannot load it keeps its current policy."""
+
+    type: Literal["policy_deploy"] = "policy_deploy"
+    policy: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    requested_by: Token
+
+
+class PolicyDeployed(MessageBase):
+    """One host's answer to :class:`PolicyDeploy`: in use (``ok``) or refused, and why."""
+
+    type: Literal["policy_deployed"] = "policy_deployed"
+    host: Token
+    ok: bool
+    policy: Annotated[str, StringConstraints(max_length=4096)]
+    detail: Text = ""
+
+
 # --- The registry and the codec ---------------------------------------------------------
 
 #: Any protocol message; ``type`` selects the model.
@@ -685,7 +707,9 @@ Message: TypeAlias = Annotated[
     | OrderAck
     | OrderRefused
     | OrderStatusQuery
-    | OrderStatus,
+    | OrderStatus
+    | PolicyDeploy
+    | PolicyDeployed,
     Field(discriminator="type"),
 ]
 
@@ -962,6 +986,13 @@ class Subjects:
     def setpoint_request(self) -> str:
         """:class:`SetpointRequest`, to the safety supervisor (the only plant writer)."""
         return f"{self.prefix}.setpoint.request"
+
+    # Operations.
+    @property
+    def policy_deploy(self) -> str:
+        """:class:`PolicyDeploy` to every machine host, answered with
+        :class:`PolicyDeployed` by each (request, many replies)."""
+        return f"{self.prefix}.policy.deploy"
 
     # Orders.
     @property

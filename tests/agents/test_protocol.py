@@ -34,6 +34,8 @@ from autofab.agents.protocol import (
     OrderStatus,
     OrderStatusQuery,
     OrderSubmit,
+    PolicyDeploy,
+    PolicyDeployed,
     PowerDeny,
     PowerGrant,
     PowerRelease,
@@ -160,6 +162,8 @@ EXAMPLES: list[MessageBase] = [
         jobs_total=4,
         finish_at=20_000.0,
     ),
+    PolicyDeploy(policy="runs/bidding/model.npz", requested_by="operator-anna"),
+    PolicyDeployed(host="line-machining", ok=False, policy="x.npz", detail="no such file"),
 ]
 
 
@@ -301,6 +305,11 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "last_plant_op": st.integers(min_value=0, max_value=100),
     "ops_done": st.integers(min_value=0, max_value=10**6),
     "last_defect": st.booleans(),
+    "policy": st.text(min_size=1, max_size=50),
+    "requested_by": _tokens,
+    "host": _tokens,
+    "ok": st.booleans(),
+    "detail": st.text(max_size=50),
 }
 
 
