@@ -511,6 +511,7 @@ from autofab.control.evaluate_cmd import evaluate as _evaluate  # noqa: E402
 from autofab.control.negotiate_cmd import negotiate as _negotiate  # noqa: E402
 from autofab.control.order_cmd import order_app as _order_app  # noqa: E402
 from autofab.control.plant_cmd import plant_app as _plant_app  # noqa: E402
+from autofab.control.policy_cmd import policy_app as _policy_app  # noqa: E402
 from autofab.control.run_cmd import run as _run  # noqa: E402
 from autofab.control.supervisor_cmd import supervisor_app as _supervisor_app  # noqa: E402
 from autofab.control.train_cmd import train as _train  # noqa: E402
@@ -521,6 +522,7 @@ app.command("evaluate")(_evaluate)
 app.command("negotiate")(_negotiate)
 app.add_typer(_order_app, name="order")
 app.add_typer(_plant_app, name="plant")
+app.add_typer(_policy_app, name="policy")
 app.add_typer(_supervisor_app, name="supervisor")
 
 

@@ -35,6 +35,14 @@ from typing import Any, Final, Literal
 
 from autofab.agents.base import Agent
 from autofab.agents.machine import MachineHost
+from autofab.agents.protocol import (
+    PolicyDeploy,
+    PolicyDeployed,
+    ProtocolError,
+    Subjects,
+    decode,
+    encode,
+)
 from autofab.agents.scenario import plant_agent_factories
 from autofab.agents.scheduler import SchedulerAgent
 from autofab.control.natsd import NatsEndpoint
@@ -175,6 +183,7 @@ class HostActor:
         self.context = context
         self.spec = spec
         self.started_at: float | None = None
+        self.policy = context.policy or "rules"
         self._lock = asyncio.Lock()
         self._bus: Any = None
         self._runner: Any = None
@@ -222,6 +231,44 @@ class HostActor:
         agents = [factories[name]() for name in spec.agents]
         self._runner = AgentRunner(self._bus, agents, plant=ctx.plant().name, plant_clock=clock)
         await self._runner.start()
+        if any(isinstance(a, MachineHost) for a in agents):
+            subjects = Subjects(ctx.plant().name)
+            await self._bus.client.subscribe(subjects.policy_deploy, cb=self._on_deploy)
+
+    async def _on_deploy(self, msg: Any) -> None:
+        """Swap the machines' bidding policy (``autofab policy deploy``). Agents handle one
+        message at a time, so a decision in progress finishes with the old policy and the
+        next one uses the new. A policy that fails to load leaves the old one in place."""
+        host = self.spec.name
+        try:
+            request = decode(msg.subject, msg.data)
+        except ProtocolError as exc:
+            log.warning("%s: refused a policy deploy: %s", host, exc)
+            return
+        if not isinstance(request, PolicyDeploy):
+            log.warning("%s: expected policy_deploy, got %s", host, request.type)
+            return
+        try:
+            from autofab.agents.policies.bidding_policy import load_bidding_policy
+
+            policy = load_bidding_policy(request.policy)
+        except (OSError, ValueError) as exc:
+            answer = PolicyDeployed(
+                host=host, ok=False, policy=request.policy, detail=str(exc)[:500]
+            )
+        else:
+            assert self._runner is not None
+            for agent in self._runner.agents:
+                if isinstance(agent, MachineHost):
+                    for machine in agent.machines.values():
+                        machine.policy = policy
+            self.policy = request.policy
+            answer = PolicyDeployed(host=host, ok=True, policy=request.policy)
+            log.warning(
+                "%s: bidding policy now %s (by %s)", host, request.policy, request.requested_by
+            )
+        if msg.reply:
+            await self._bus.client.publish(msg.reply, encode(answer))
 
     def _make_supervisor(self) -> Any:
         from autofab.control.opcua.nodemap import load_nodemap
@@ -246,6 +293,7 @@ class HostActor:
         out: dict[str, Any] = {"name": self.spec.name, "pid": os.getpid()}
         if self._runner is not None:
             out["agents"] = {a.name: _agent_stats(a) for a in self._runner.agents}
+            out["policy"] = self.policy
             out["rejected"] = self._runner.stats.rejected_total()
         if self._gateway is not None:
             g = self._gateway.stats

@@ -60,11 +60,16 @@ from autofab.control.console import console, err_console, fail, user_errors
 from autofab.control.natsd import EmbeddedNats, NatsEndpoint, NatsServerError
 from autofab.control.negotiate_cmd import (
     PlannedOrder,
+    RuntimeInfo,
     _hm,
     _quiet_logging,
     _sigint_sets,
     config_orders,
     connect_bus,
+    read_runtime_file,
+    remove_runtime_file,
+    runtime_file,
+    write_runtime_file,
 )
 from autofab.control.opcua.twin import PlantTwin, TwinSettings
 from autofab.envs.plant import PlantConfig, load_plant, parse_duration
@@ -181,6 +186,17 @@ class PlantRun:
             self.endpoint = s.nats
         self._bus = await connect_bus(self.endpoint, timeout=10.0)
         self._stack.push_async_callback(self._bus.close)
+        # Where `autofab order` and `autofab policy deploy` find this plant's bus.
+        info = RuntimeInfo(
+            self.config.name,
+            self.endpoint.url,
+            self.endpoint.user,
+            self.endpoint.password,
+            os.getpid(),
+            time.time(),
+        )
+        write_runtime_file(info)
+        self._stack.callback(remove_runtime_file, self.config.name, os.getpid())
         twin_settings = TwinSettings(
             speedup=s.speedup,
             seed=s.seed,
@@ -567,6 +583,15 @@ def run(
             load_bidding_policy(policy)  # refuse a bad policy before anything starts
     if nats_url is None and (user is not None or password is not None):
         fail("--user and --password go with --nats-url (the embedded server makes its own)")
+    try:
+        running = read_runtime_file(plant.name)
+    except ValueError:
+        running = None
+    if running is not None:
+        fail(
+            f"plant {plant.name!r} is already running in process {running.pid} (runtime "
+            f"file {str(runtime_file(plant.name))!r}); stop it first"
+        )
     _quiet_logging()
     try:
         outcome, report = asyncio.run(_run(plant, settings, live))

@@ -1,0 +1,242 @@
+"""``autofab run`` on the real stack: local Ray, the embedded nats-server, the OPC UA twin.
+
+The end-to-end run is in the default test run (CI); the fault-injection runs (a machine
+actor killed, the supervisor killed, nats-server restarted) take a minute each and are
+marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from autofab.control.cli import app
+from autofab.control.run_cmd import PlantRun, RunSettings
+from autofab.envs.plant import load_plant
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+@pytest.fixture
+def private_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Certificates, tokens and runtime files in this test's own folders."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    return tmp_path
+
+
+def _nats_servers() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.process_iter(["name"])
+        if (p.info.get("name") or "").startswith("nats-server")
+    }
+
+
+def _good_ops_at_most_once(run: PlantRun) -> None:
+    """Every operation the plant finished well was finished once per part attempt: a
+    second good completion of the same job and operation only after that job was scrapped
+    (its route restarts) or the operation reworked."""
+    assert run.twin is not None
+    attempts = run.twin.model.attempts
+    scrapped = Counter(a["job"] for a in attempts if a["defective"])
+    good = Counter((a["job"], a["index"]) for a in attempts if not a["defective"])
+    for (job, op), n in good.items():
+        assert n <= 1 + scrapped[job], f"job {job} op {op} done {n} times"
+
+
+def _run(
+    settings: RunSettings,
+    during: Callable[[PlantRun], Awaitable[None]] | None = None,
+) -> tuple[str, dict[str, Any], PlantRun]:
+    async def main() -> tuple[str, dict[str, Any], PlantRun]:
+        async with PlantRun(load_plant(DEMO), settings) as run:
+            side = asyncio.create_task(during(run)) if during else None
+            outcome = await run.run_until_done()
+            if side is not None:
+                await side
+            return outcome, run.report(), run
+
+    return asyncio.run(main())
+
+
+def test_run_end_to_end_on_the_real_stack(private_dirs: Path) -> None:
+    before = _nats_servers()
+    settings = RunSettings(duration_s=3 * 3600.0, speedup=900.0, seed=1)
+    outcome, report, run = _run(settings)
+    assert outcome == "done"
+    for key in (
+        "agents_ready_s",
+        "parts_good",
+        "parts_scrap",
+        "makespan_s",
+        "tardiness_s",
+        "oee",
+        "energy_kwh",
+        "energy_cost",
+        "peak_kw",
+        "cap_violations",
+        "safety",
+        "breakdowns",
+        "maintenance",
+    ):
+        assert key in report
+    assert report["parts_good"] > 0
+    assert set(report["oee"]) == {"availability", "performance", "quality", "oee"}
+    assert 0 < report["oee"]["oee"] <= 1
+    safety = report["safety"]
+    assert safety["requests"] == safety["applied"] + safety["clamped"] + safety["rejected"]
+    # Every value the twin took came through the supervisor (it holds the only login),
+    # and every one it took was one the supervisor decided to write.
+    assert report["plant_writes_accepted"] > 0
+    assert report["plant_writes_accepted"] <= safety["applied"] + safety["clamped"]
+    assert report["watchdog_trips"] == 0
+    _good_ops_at_most_once(run)
+    assert _nats_servers() == before  # the embedded server is gone
+
+
+@pytest.mark.slow
+def test_killed_machine_actor_restarts_and_restores(private_dirs: Path) -> None:
+    import ray
+
+    async def kill_line(run: PlantRun) -> None:
+        while run.twin is not None and run.twin.model.jobs_done < 1:
+            await asyncio.sleep(0.2)
+        ray.kill(run.actors["line-machining"], no_restart=False)
+
+    settings = RunSettings(duration_s=4 * 3600.0, speedup=900.0, seed=2)
+    outcome, report, run = _run(settings, kill_line)
+    assert outcome == "done"
+    assert report["parts_good"] > 1
+    _good_ops_at_most_once(run)
+
+
+@pytest.mark.slow
+def test_killed_supervisor_makes_the_plant_safe_then_resumes(private_dirs: Path) -> None:
+    import ray
+
+    done_at_kill: list[int] = []
+
+    async def kill_supervisor(run: PlantRun) -> None:
+        assert run.twin is not None
+        while run.twin.model.jobs_done < 1:
+            await asyncio.sleep(0.2)
+        done_at_kill.append(run.twin.model.jobs_done)
+        ray.kill(run.actors["supervisor"], no_restart=False)
+        while run.twin.watchdog_trips == 0:
+            await asyncio.sleep(0.05)
+        assert not run.twin.run.any()  # safe state: every machine stopped
+
+    settings = RunSettings(
+        duration_s=5 * 3600.0, speedup=900.0, seed=3, watchdog_timeout_s=0.5
+    )
+    outcome, report, run = _run(settings, kill_supervisor)
+    assert outcome == "done"
+    assert report["watchdog_trips"] >= 1
+    assert run.twin is not None and not run.twin.watchdog_alarm
+    assert report["parts_good"] > done_at_kill[0]  # control resumed after the restart
+    _good_ops_at_most_once(run)
+
+
+@pytest.mark.slow
+def test_nats_restart_mid_run_completes(private_dirs: Path) -> None:
+    from autofab.control.natsd import EmbeddedNats
+
+    async def main() -> tuple[str, dict[str, Any], PlantRun]:
+        async with EmbeddedNats() as server:
+            settings = RunSettings(
+                duration_s=4 * 3600.0, speedup=900.0, seed=4, nats=server.endpoint
+            )
+            async with PlantRun(load_plant(DEMO), settings) as run:
+
+                async def bounce() -> None:
+                    assert run.twin is not None
+                    while run.twin.model.jobs_done < 1:
+                        await asyncio.sleep(0.2)
+                    await asyncio.to_thread(server.restart)
+
+                side = asyncio.create_task(bounce())
+                outcome = await run.run_until_done()
+                await side
+                return outcome, run.report(), run
+
+    outcome, report, run = asyncio.run(main())
+    assert outcome == "done"
+    assert report["parts_good"] > 1
+    _good_ops_at_most_once(run)
+
+
+# --- the command's refusals ----------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(private_dirs: Path) -> Iterator[CliRunner]:
+    yield CliRunner()
+
+
+def test_bad_config_is_one_clear_line(cli: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlines: 3\n")
+    result = cli.invoke(app, ["run", str(bad), "--no-live"])
+    assert result.exit_code == 2
+    assert "error:" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_policy_is_refused_before_anything_starts(cli: CliRunner, tmp_path: Path) -> None:
+    before = _nats_servers()
+    result = cli.invoke(app, ["run", "--policy", str(tmp_path / "nope.npz"), "--no-live"])
+    assert result.exit_code == 2
+    assert "nope.npz" in result.output
+    assert _nats_servers() == before
+
+
+def test_bad_duration_and_hosting_are_named(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["run", "--duration", "soon", "--no-live"])
+    assert result.exit_code == 2
+    assert "soon" in result.output
+    result = cli.invoke(app, ["run", "--hosting", "per_cell", "--no-live"])
+    assert result.exit_code == 2
+    assert "per_cell" in result.output
+
+
+def test_occupied_port_is_a_startup_error_and_leaves_nothing(cli: CliRunner) -> None:
+    """A --nats-url whose port is taken by something that is not NATS."""
+    before = _nats_servers()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = cli.invoke(
+            app, ["run", "--nats-url", f"nats://127.0.0.1:{port}", "--no-live"]
+        )
+    assert result.exit_code == 3, result.output
+    assert "could not start" in result.output
+    assert _nats_servers() == before
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_report_file_is_json(private_dirs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        app,
+        ["run", "--duration", "40m", "--speedup", "1200", "--no-live", "--report", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["plant"] == "demo"
+    assert data["agents_ready_s"] > 0
+    assert os.path.getsize(out) > 100
