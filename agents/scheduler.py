@@ -64,7 +64,7 @@ breakdown two hours.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -227,6 +227,10 @@ class SchedulerAgent(Agent):
         self.closed: OrderedDict[str, str] = OrderedDict()
         self.completions: list[Completion] = []
         self.reannounced: dict[str, int] = {}
+        #: Running totals for monitoring: rounds announced, bids taken, awards made.
+        self.counts: dict[str, int] = {"rounds": 0, "bids": 0, "awards": 0}
+        #: Wall seconds from call to award of recent rounds (the runtime drains it).
+        self.round_seconds: deque[float] = deque(maxlen=10_000)
         self._order_seq = 0
         self._round_seq = 0
         # Indexes over rounds and jobs (see "Bookkeeping" in the module docstring).
@@ -441,6 +445,7 @@ class SchedulerAgent(Agent):
         ready = max(now.plant, job.ready_at)
         rnd = _Round(round_id, job.job, job.next_op, ready, now.wall + self.bid_window_seconds)
         self.rounds[round_id] = rnd
+        self.counts["rounds"] += 1
         self._arm(rnd.deadline, _DEADLINE, round_id)
         job.round_id = round_id
         cfp = CallForProposals(
@@ -477,6 +482,7 @@ class SchedulerAgent(Agent):
                 self._count("duplicate_bid")
                 continue
             held[bid.machine] = bid
+            self.counts["bids"] += 1
         step = self.routes[self.jobs[rnd.job].product][rnd.op]
         expected = self.expected_responders.get(step.capability)
         if expected is not None and len(rnd.responders) >= expected:
@@ -509,6 +515,8 @@ class SchedulerAgent(Agent):
         assert best is not None
         winner = best[1]
         rnd.state, rnd.winner = "awarded", winner
+        self.counts["awards"] += 1
+        self.round_seconds.append(max(now.wall - (rnd.deadline - self.bid_window_seconds), 0.0))
         rnd.expected_finish = best_finish
         self._promise(winner, rnd.round_id, best_finish)
         rnd.result_due = rnd.expected_finish + max(

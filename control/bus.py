@@ -112,6 +112,7 @@ from autofab.agents.protocol import (
     decode,
     encode,
 )
+from autofab.control import metrics
 from autofab.control.natsd import NatsEndpoint
 
 __all__ = [
@@ -367,6 +368,8 @@ class Bus:
         self.settings = settings or BusSettings()
         self.stats = BusStats()
         self.wall = wall_clock
+        #: (plant, kind) once :meth:`export_metrics` is called.
+        self.metric_labels: tuple[str, str] | None = None
         self._nc: NatsClient | None = None
         self._log_limiter = _LogLimiter()
 
@@ -464,11 +467,26 @@ class Bus:
         if self._nc is None:  # close() let go of the client: a goodbye, not a lost link
             return
         self.stats.disconnects += 1
+        self._export_link(False)
         log.warning("NATS link to %s lost; reconnecting", self.endpoint.url)
 
     async def _on_reconnected(self) -> None:
         self.stats.reconnects += 1
+        self._export_link(True)
+        if self.metric_labels is not None:
+            metrics.NATS_RECONNECTS.labels(*self.metric_labels).inc()
         log.warning("NATS link to %s is back", self.endpoint.url)
+
+    def export_metrics(self, plant: str, kind: str) -> None:
+        """Report this connection's state as ``autofab_nats_connected{plant, kind}`` and
+        its reconnects as ``autofab_nats_reconnects_total`` from now on."""
+        self.metric_labels = (plant, kind)
+        metrics.NATS_RECONNECTS.labels(plant, kind)
+        self._export_link(self.connected)
+
+    def _export_link(self, up: bool) -> None:
+        if self.metric_labels is not None:
+            metrics.NATS_CONNECTED.labels(*self.metric_labels).set(1.0 if up else 0.0)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -593,6 +611,15 @@ class Bus:
 # --- the runner -------------------------------------------------------------------------
 
 
+def agent_kind(agent: Agent) -> str:
+    """The bounded ``kind`` label of an agent: its class name without ``Agent`` or
+    ``Host`` (``SchedulerAgent`` -> ``scheduler``, ``MachineHost`` -> ``machine``)."""
+    name = type(agent).__name__
+    for suffix in ("Agent", "Host"):
+        name = name.removesuffix(suffix)
+    return name.lower() or "agent"
+
+
 @dataclass
 class _Hosted:
     """One agent on a runner, and what the runner keeps for it."""
@@ -606,6 +633,8 @@ class _Hosted:
     revision: int | None = None
     rearm: asyncio.Event = field(default_factory=asyncio.Event)
     timer_task: asyncio.Task[None] | None = None
+    #: ``autofab_agent_decision_duration_seconds`` for this agent's kind and plant.
+    decision_seconds: Any = None
 
 
 class AgentRunner:
@@ -650,7 +679,15 @@ class AgentRunner:
                     "'-', '_', '/', '='); rename it or run with persist=False"
                 )
             names.add(agent.name)
-            self._hosted.append(_Hosted(agent))
+            hosted = _Hosted(agent)
+            hosted.decision_seconds = metrics.AGENT_DECISION_DURATION.labels(
+                plant, agent_kind(agent)
+            )
+            self._hosted.append(hosted)
+        kinds = sorted({agent_kind(h.agent) for h in self._hosted})
+        #: The agent kind in metric labels: ``scheduler``, ``machine``... (``mixed`` for a
+        #: runner hosting several kinds).
+        self.kind = kinds[0] if len(kinds) == 1 else "mixed"
         self._subs: list[NatsSubscription] = []
         self._kv: KeyValue | None = None
         self._dirty = asyncio.Event()
@@ -680,6 +717,8 @@ class AgentRunner:
         """
         if self._running:
             raise RuntimeError("the runner is already running")
+        if self.bus.metric_labels is None:
+            self.bus.export_metrics(self.plant, self.kind)
         if self.persist:
             self._kv = await self.bus.key_value(self.state_bucket)
             for hosted in self._hosted:
@@ -777,17 +816,20 @@ class AgentRunner:
             return
         now = Now(wall=wall, plant=self.plant_clock())
         agent = hosted.agent
+        started = time.perf_counter()
         try:
             outgoing = agent.handle(msg.subject, message, now, msg.reply or None)
         except Exception:
             self._handler_error(hosted, f"handling {message.type} from {msg.subject}")
             outgoing = []
+        hosted.decision_seconds.observe(time.perf_counter() - started)
         self.stats.handled[agent.name] += 1
         self._changed(hosted)
         await self.bus.publish_outgoing(outgoing, now.wall)
 
     def _reject(self, topic: str, reason: str, detail: str) -> None:
         self.stats.rejected[(topic, reason)] += 1
+        metrics.AGENT_MESSAGES_REJECTED.labels(self.plant, self.kind, reason).inc()
         log.log(self._log_limiter.level(topic, reason), "refused (%s): %s", reason, detail)
 
     def _handler_error(self, hosted: _Hosted, doing: str) -> None:
@@ -844,12 +886,14 @@ class AgentRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(hosted.rearm.wait(), delay)
                 continue
+            started = time.perf_counter()
             try:
                 now = Now(wall=self.bus.wall(), plant=self.plant_clock())
                 outgoing = agent.on_timer(now)
             except Exception:
                 self._handler_error(hosted, "in on_timer")
                 now, outgoing = Now(wall=self.bus.wall(), plant=0.0), []
+            hosted.decision_seconds.observe(time.perf_counter() - started)
             self.stats.timers_fired[agent.name] += 1
             self._changed(hosted)
             await self.bus.publish_outgoing(outgoing, now.wall)

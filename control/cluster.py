@@ -184,6 +184,8 @@ class HostActor:
         self.spec = spec
         self.started_at: float | None = None
         self.policy = context.policy or "rules"
+        self.metrics_address = ""
+        self._exported: dict[Any, float] = {}
         self._lock = asyncio.Lock()
         self._bus: Any = None
         self._runner: Any = None
@@ -198,9 +200,15 @@ class HostActor:
                 self.started_at = time.time()
 
     async def start(self) -> dict[str, Any]:
-        """Start the part (idempotent); returns the process id and when it became ready."""
+        """Start the part (idempotent); returns the process id, when it became ready and
+        where its metrics are (``host:port``)."""
         await self._ensure_started()
-        return {"name": self.spec.name, "pid": os.getpid(), "ready_at": self.started_at}
+        return {
+            "name": self.spec.name,
+            "pid": os.getpid(),
+            "ready_at": self.started_at,
+            "metrics": self.metrics_address,
+        }
 
     async def _start(self) -> None:
         # asyncua logs routine session details at INFO and WARNING; the run's log is for
@@ -210,15 +218,24 @@ class HostActor:
         from autofab.control.negotiate_cmd import connect_bus
 
         ctx, spec = self.context, self.spec
+        from autofab.control import metrics
+
+        host, port = metrics.start_exporter()
+        self.metrics_address = f"{host}:{port}"
+        if _reconstructed():
+            metrics.AGENT_RESTARTS.labels(ctx.plant().name, spec.name.split("-")[0]).inc()
         if spec.role == "supervisor":
             self._supervisor = self._make_supervisor()
             await self._supervisor.start()
+            self._supervisor.bus.export_metrics(ctx.plant().name, "supervisor")
             return
         self._bus = await connect_bus(
             ctx.nats, settings=BusSettings(name=f"autofab-{spec.name}"), timeout=10.0
         )
         if spec.role == "gateway":
             from autofab.control.gateway import TelemetryGateway
+
+            self._bus.export_metrics(ctx.plant().name, "gateway")
             from autofab.control.opcua.nodemap import load_nodemap
 
             self._gateway = TelemetryGateway(
@@ -287,9 +304,50 @@ class HostActor:
             plant=plant.name,
         )
 
+    def _delta(self, key: Any, total: float) -> float:
+        """How much a running total grew since the last export (never negative)."""
+        last = self._exported.get(key, 0.0)
+        self._exported[key] = total
+        return max(total - last, 0.0)
+
+    def _export(self) -> None:
+        """Move the scheduler's and the supervisor's running totals into the metrics."""
+        from autofab.control import metrics
+
+        plant = self.context.plant().name
+        if self._runner is not None:
+            for agent in self._runner.agents:
+                if not isinstance(agent, SchedulerAgent):
+                    continue
+                for name, family in (
+                    ("rounds", metrics.CNP_ROUNDS),
+                    ("bids", metrics.CNP_BIDS),
+                    ("awards", metrics.CNP_AWARDS),
+                ):
+                    family.labels(plant).inc(self._delta(name, agent.counts[name]))
+                for reason, n in agent.reannounced.items():
+                    delta = self._delta(("re", reason), n)
+                    metrics.CNP_REANNOUNCEMENTS.labels(plant, reason).inc(delta)
+                histogram = metrics.CNP_ROUND_DURATION.labels(plant)
+                while agent.round_seconds:
+                    histogram.observe(agent.round_seconds.popleft())
+        if self._supervisor is not None:
+            s = self._supervisor.stats
+            total = 0
+            for (outcome, reason), n in s.decisions.items():
+                total += n
+                delta = self._delta(("decision", outcome, reason), n)
+                metrics.SUPERVISOR_DECISIONS.labels(plant, outcome, reason).inc(delta)
+            metrics.SUPERVISOR_REQUESTS.labels(plant).inc(self._delta("requests", total))
+            connected = 1.0 if self._supervisor.connected else 0.0
+            metrics.SUPERVISOR_OPCUA_CONNECTED.labels(plant).set(connected)
+            alarms = self._delta("alarms", s.watchdog_alarms)
+            metrics.SUPERVISOR_WATCHDOG_ALARM.labels(plant).set(1.0 if alarms else 0.0)
+
     async def stats(self) -> dict[str, Any]:
         """The part's counters for the live view and the report (starts it if needed)."""
         await self._ensure_started()
+        self._export()
         out: dict[str, Any] = {"name": self.spec.name, "pid": os.getpid()}
         if self._runner is not None:
             out["agents"] = {a.name: _agent_stats(a) for a in self._runner.agents}
@@ -339,6 +397,20 @@ class HostActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _reconstructed() -> bool:
+    """Whether Ray restarted this actor after a crash (False outside Ray)."""
+    import warnings
+
+    try:
+        import ray
+
+        with warnings.catch_warnings():  # Ray warns about its own use of a deprecated API
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:
+        return False
 
 
 def remote_class(ray: Any) -> Any:

@@ -47,6 +47,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from autofab.agents.protocol import OrderAck, OrderRefused, OrderSubmit, Subjects
+from autofab.control import metrics
 from autofab.control.cluster import (
     HOSTINGS,
     ActorSpec,
@@ -162,6 +163,8 @@ class PlantRun:
         self._ray: Any = None
         self._ray_started = False
         self._bus: Any = None
+        self.file_sd: Path | None = None
+        self.metrics_targets: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -228,8 +231,35 @@ class PlantRun:
             self.actors[spec.name] = actor_class.options(**actor_options(spec)).remote(
                 context, spec
             )
-        await asyncio.gather(*(a.start.remote() for a in self.actors.values()))
+        started = await asyncio.gather(*(a.start.remote() for a in self.actors.values()))
         self.agents_ready_s = time.monotonic() - self.t0
+        self._start_metrics(started)
+
+    def _start_metrics(self, started: Sequence[Mapping[str, Any]]) -> None:
+        """This process's exporter (the plant's metrics) and the file_sd file that lists it
+        beside every actor's, for Prometheus (configs/prometheus/prometheus.yml)."""
+        assert self.twin is not None
+        host, port = metrics.start_exporter()
+        self._stack.callback(metrics.stop_exporter)
+        self._bus.export_metrics(self.config.name, "mes")
+        targets = [metrics.ScrapeTarget(host, port, {"kind": "plant"})]
+        for spec, info in zip(self.specs, started, strict=True):
+            address = str(info.get("metrics") or "")
+            if address:
+                h, _, p = address.rpartition(":")
+                targets.append(metrics.ScrapeTarget(h, int(p), {"kind": spec.role}))
+        self.metrics_targets = [t.address for t in targets]
+        self.file_sd = metrics.write_file_sd(
+            metrics.file_sd_path(self.config.name), targets, labels={"plant": self.config.name}
+        )
+        self._stack.callback(self._remove_file_sd)
+        metrics.PLANT.update(metrics.plant_snapshot(self.twin.model))
+        self._stack.callback(metrics.PLANT.clear)
+
+    def _remove_file_sd(self) -> None:
+        if self.file_sd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.file_sd.unlink()
 
     def _start_ray(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -320,6 +350,8 @@ class PlantRun:
         results = await asyncio.gather(
             *(asyncio.wait_for(r, 5.0) for r in refs), return_exceptions=True
         )
+        if self.twin is not None:
+            metrics.PLANT.update(metrics.plant_snapshot(self.twin.model))
         up = 0
         for name, result in zip(names, results, strict=True):
             if isinstance(result, dict):
@@ -415,6 +447,7 @@ class PlantRun:
             "operations_done": scheduler.get("operations_done"),
             "reannounced": scheduler.get("reannounced", {}),
             "plant_writes_accepted": self.twin.accepted_writes,
+            "metrics": {"file_sd": str(self.file_sd or ""), "targets": self.metrics_targets},
             "watchdog_trips": self.twin.watchdog_trips,
         }
 
@@ -477,6 +510,11 @@ async def _run(
             console.print(
                 f"[bold]{config.name}[/]: {len(plant_run.specs)} actors ready in "
                 f"{plant_run.agents_ready_s:.1f} s; plant at {plant_run.endpoint_text}"
+            )
+            console.print(
+                f"metrics: {len(plant_run.metrics_targets)} exporters listed in "
+                f"{plant_run.file_sd} (Prometheus: configs/prometheus/prometheus.yml)",
+                soft_wrap=True,
             )
             progress = Progress(
                 TextColumn("[bold]plant time"),

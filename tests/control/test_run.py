@@ -37,10 +37,11 @@ def private_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _nats_servers() -> set[int]:
+    """nats-server processes this test process started (others may run beside it)."""
     return {
         p.pid
-        for p in psutil.process_iter(["name"])
-        if (p.info.get("name") or "").startswith("nats-server")
+        for p in psutil.Process().children(recursive=True)
+        if p.name().startswith("nats-server")
     }
 
 
