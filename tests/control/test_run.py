@@ -12,7 +12,7 @@ import json
 import os
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +139,12 @@ def test_killed_supervisor_makes_the_plant_safe_then_resumes(private_dirs: Path)
             await asyncio.sleep(0.05)
         assert not run.twin.run.any()  # safe state: every machine stopped
 
-    settings = RunSettings(
-        duration_s=5 * 3600.0, speedup=900.0, seed=3, watchdog_timeout_s=0.5
-    )
+    settings = RunSettings(duration_s=5 * 3600.0, speedup=900.0, seed=3, watchdog_timeout_s=0.5)
     outcome, report, run = _run(settings, kill_supervisor)
     assert outcome == "done"
     assert report["watchdog_trips"] >= 1
-    assert run.twin is not None and not run.twin.watchdog_alarm
+    assert run.twin is not None
+    assert not run.twin.watchdog_alarm
     assert report["parts_good"] > done_at_kill[0]  # control resumed after the restart
     _good_ops_at_most_once(run)
 
@@ -182,8 +181,8 @@ def test_nats_restart_mid_run_completes(private_dirs: Path) -> None:
 
 
 @pytest.fixture
-def cli(private_dirs: Path) -> Iterator[CliRunner]:
-    yield CliRunner()
+def cli(private_dirs: Path) -> CliRunner:
+    return CliRunner()
 
 
 def test_bad_config_is_one_clear_line(cli: CliRunner, tmp_path: Path) -> None:
@@ -219,9 +218,7 @@ def test_occupied_port_is_a_startup_error_and_leaves_nothing(cli: CliRunner) -> 
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        result = cli.invoke(
-            app, ["run", "--nats-url", f"nats://127.0.0.1:{port}", "--no-live"]
-        )
+        result = cli.invoke(app, ["run", "--nats-url", f"nats://127.0.0.1:{port}", "--no-live"])
     assert result.exit_code == 3, result.output
     assert "could not start" in result.output
     assert _nats_servers() == before
