@@ -17,7 +17,13 @@ from autofab.agents.energy import Tariff
 from autofab.agents.protocol import Bid, CallForProposals
 from autofab.envs.plant import PlantArrays
 
-__all__ = ["BidContext", "BiddingPolicy", "MachineSpec", "RuleBasedBidding"]
+__all__ = [
+    "BidContext",
+    "BiddingPolicy",
+    "MachineSpec",
+    "RuleBasedBidding",
+    "honest_bid",
+]
 
 
 @dataclass(frozen=True)
@@ -98,28 +104,37 @@ class BiddingPolicy(Protocol):
     def bid(self, cfp: CallForProposals, context: BidContext) -> Bid | None: ...
 
 
-class RuleBasedBidding:
-    """The default rule: an honest estimate, no strategy.
+def honest_bid(cfp: CallForProposals, context: BidContext) -> Bid:
+    """The bid the machine can keep for ``cfp`` at its current speed, no strategy in it.
 
     * finish = max(now, ready, queue end) + processing / speed;
     * energy cost = running power at that speed and load, priced by the tariff hour by
       hour over the run;
     * health risk = 1 - exp(-hazard x duration), the hazard taken at the health expected
       halfway through the operation (wear rises while it runs).
+
+    Every policy prices its bids here, so whatever a policy decides (bid or pass), a bid
+    it sends is the machine's own honest estimate.
     """
+    spec = context.spec
+    duration = cfp.processing_seconds / context.speed
+    start = max(context.now, cfp.ready_at, context.queue_end_at)
+    power = spec.running_power_w(context.speed, cfp.load, context.health)
+    mid_health = context.health - spec.wear_rate(context.speed, cfp.load) * duration / 2
+    risk = 1.0 - math.exp(-spec.hazard(max(mid_health, 0.0)) * duration)
+    return Bid(
+        machine=context.machine,
+        finish_at=start + duration,
+        energy_cost=context.tariff.cost(power, start, duration),
+        health_risk=min(max(risk, 0.0), 1.0),
+    )
+
+
+class RuleBasedBidding:
+    """The default rule: bid on every call the machine is capable of, with
+    :func:`honest_bid`'s estimate."""
 
     def bid(self, cfp: CallForProposals, context: BidContext) -> Bid | None:
-        spec = context.spec
-        if cfp.capability not in spec.capabilities:
+        if cfp.capability not in context.spec.capabilities:
             return None
-        duration = cfp.processing_seconds / context.speed
-        start = max(context.now, cfp.ready_at, context.queue_end_at)
-        power = spec.running_power_w(context.speed, cfp.load, context.health)
-        mid_health = context.health - spec.wear_rate(context.speed, cfp.load) * duration / 2
-        risk = 1.0 - math.exp(-spec.hazard(max(mid_health, 0.0)) * duration)
-        return Bid(
-            machine=context.machine,
-            finish_at=start + duration,
-            energy_cost=context.tariff.cost(power, start, duration),
-            health_risk=min(max(risk, 0.0), 1.0),
-        )
+        return honest_bid(cfp, context)

@@ -14,6 +14,12 @@ same way in training curves, in benchmarks and on the plant::
 
     policy = load_policy("runs/autofab-JobShop-v0__maskable_ppo__0__1700000000", env)
     action = policy(obs, env.action_masks())
+
+A machine agent's learned bidding policy (:mod:`autofab.agents.policies.bidding_policy`,
+an ``.npz`` whose ``kind`` is ``"bidding"``) loads here too, without an env: it bids on
+calls for proposals rather than acting on observations::
+
+    policy = load_policy("agents/policies/pretrained/bidding_gate.npz")  # LearnedBidding
 """
 
 from __future__ import annotations
@@ -26,13 +32,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from numpy.typing import NDArray
 
+from autofab.agents.policies.bidding_policy import (
+    BiddingLoadError,
+    LearnedBidding,
+    is_bidding_file,
+    read_bidding_file,
+)
 from autofab.agents.policies.dispatcher import (
     DEFAULT_DISPATCHER,
     DispatcherLoadError,
@@ -334,11 +346,23 @@ def resolve_policy_path(policy: str | Path) -> Path:
     return path
 
 
+@overload
+def load_policy(run_dir: str | Path, env: gym.Env[Any, Any]) -> LoadedPolicy | DispatcherPolicy: ...
+
+
+@overload
+def load_policy(
+    run_dir: str | Path, env: None = None
+) -> LoadedPolicy | DispatcherPolicy | LearnedBidding: ...
+
+
 def load_policy(
     run_dir: str | Path, env: gym.Env[Any, Any] | None = None
-) -> LoadedPolicy | DispatcherPolicy:
+) -> LoadedPolicy | DispatcherPolicy | LearnedBidding:
     """Load a training run folder, a dispatcher ``.npz``, or ``default`` (the shipped
-    dispatcher) as a callable policy.
+    dispatcher) as a callable policy, or a bidding ``.npz`` as a machine agent's
+    :class:`~autofab.agents.policies.bidding_policy.LearnedBidding` (only without
+    ``env``: a bidding policy does not act on an env, and is refused with one).
 
     With ``env``, its observation and action spaces must match the signatures recorded in
     ``policy.json``; otherwise the load is refused naming the space, expected and found.
@@ -349,6 +373,8 @@ def load_policy(
     """
     path = resolve_policy_path(run_dir)
     if path.suffix == ".npz":
+        if is_bidding_file(path):
+            return _load_bidding_file(path, env)
         return _load_dispatcher_file(path, env)
     meta = read_policy_json(path)
     if meta["algo"] == SELF_LABELING:
@@ -415,3 +441,15 @@ def _load_dispatcher_file(path: Path, env: gym.Env[Any, Any] | None) -> Dispatch
         observation, _ = dispatcher_spaces()
         _check_dispatcher_env({"observation_space": observation}, env, repr(str(path)))
     return policy
+
+
+def _load_bidding_file(path: Path, env: gym.Env[Any, Any] | None) -> LearnedBidding:
+    if env is not None:
+        raise PolicyLoadError(
+            f"{str(path)!r} is a machine bidding policy: it bids on calls for proposals and "
+            f"does not act on an env (expected no env, found {type(env.unwrapped).__name__})"
+        )
+    try:
+        return read_bidding_file(path)
+    except BiddingLoadError as exc:
+        raise PolicyLoadError(str(exc)) from None
