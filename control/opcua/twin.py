@@ -68,6 +68,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -104,6 +105,8 @@ _UNITS_NS = "http://www.opcfoundation.org/UA/units/un/cefact"
 _PORT_TRIES = 5
 #: Who asyncua's own writes run as (the server's internal session).
 _SERVER_USER = User(role=UserRole.Admin)
+#: Not any value a node holds.
+_UNSET: Any = object()
 _I64, _BOOL = ua.VariantType.Int64, ua.VariantType.Boolean
 #: Machine variables that are not Double.
 _MACHINE_TYPES: dict[str, ua.VariantType] = {
@@ -176,6 +179,9 @@ class TwinSettings:
     watchdog_timeout_s: float = 5.0
     safe_state: Literal["stop", "safe_speed"] = "stop"
     dispatch: Literal["local", "agents"] = "local"
+    #: Wall seconds between updates of the noisy sensor readings (vibration, temperature,
+    #: power); states, counters and operations are published on every scan they change.
+    sensor_period_s: float = 0.5
     host: str = field(default=LOOPBACK)
 
     def __post_init__(self) -> None:
@@ -193,6 +199,10 @@ class TwinSettings:
         if self.safe_state not in ("stop", "safe_speed"):
             raise ValueError(
                 f"safe_state: expected 'stop' or 'safe_speed', got {self.safe_state!r}"
+            )
+        if not (math.isfinite(self.sensor_period_s) and self.sensor_period_s >= 0):
+            raise ValueError(
+                f"sensor_period_s: expected seconds >= 0, got {self.sensor_period_s!r}"
             )
         if self.dispatch not in ("local", "agents"):
             raise ValueError(f"dispatch: expected 'local' or 'agents', got {self.dispatch!r}")
@@ -267,6 +277,11 @@ class PlantTwin:
         self.aborted = 0
         #: Setpoint writes the twin accepted from a client (heartbeats not counted).
         self.accepted_writes = 0
+        #: What the address space holds, as last written, so a scan writes only changes.
+        self._published: dict[str, Any] = {}
+        self._mirror: dict[str, Any] = {}
+        self._sensors_at = -math.inf
+        self._sensors: dict[str, Any] = {}
         self.watchdog_alarm = False
         self.watchdog_trips = 0
         self._last_beat: int | None = None
@@ -487,6 +502,11 @@ class PlantTwin:
         """Act on an accepted, stored write at once (the scan cycle publishes the result)."""
         m, name = self._writable[wv.NodeId.Identifier]
         value = wv.Value.Value.Value
+        if name in ("speed_setpoint", "run", "maintenance_request"):
+            # The node now holds what the client wrote: the mirror knows it.
+            self._mirror[wv.NodeId.Identifier] = (
+                float(value) if name == "speed_setpoint" else bool(value)
+            )
         if name != "watchdog_heartbeat":
             self.accepted_writes += 1
         if name == "watchdog_heartbeat":
@@ -597,7 +617,13 @@ class PlantTwin:
     async def _publish(self) -> None:
         """Write the model's state into the address space (as the server, unchecked)."""
         model, p = self.model, self.model.plant
-        sensors = model.sensors()
+        wall = time.monotonic()
+        # Noisy sensor readings change on every scan; they go out every sensor_period_s.
+        fresh = wall - self._sensors_at >= self.settings.sensor_period_s
+        if fresh:
+            self._sensors_at = wall
+            self._sensors = model.sensors()
+        sensors = self._sensors
         running = model.status == MachineStatus.RUNNING
         op_job, op_index = self.model.instance.op_job, self.model.instance.op_index
         values: list[tuple[str, Any, ua.VariantType]] = [
@@ -639,8 +665,13 @@ class PlantTwin:
                         (f"{b}.last_defect", bool(self.last_defect[m]), ua.VariantType.Boolean),
                     ]
                     mirrors.append((b, m))
+        stamp = datetime.now(UTC)
+        published = self._published
         for key, value, vtype in values:
-            await self._nodes[key].write_value(ua.Variant(value, vtype))
+            if published.get(key, _UNSET) == value:
+                continue  # unchanged: no write, no data-change notification
+            published[key] = value
+            await self._set(key, ua.Variant(value, vtype), stamp)
         # Setpoint mirrors: a client's write sets the model and the node together, so a node
         # only needs writing when the twin itself changed the value (safe state, finished
         # maintenance). Each value is read from the model right before its own write, never
@@ -655,7 +686,14 @@ class PlantTwin:
                     ua.VariantType.Boolean,
                 ),
             ):
-                node = self._nodes[f"{b}.{name}"]
+                key = f"{b}.{name}"
                 value = current()
-                if await node.read_value() != value:
-                    await node.write_value(ua.Variant(value, vtype))
+                if self._mirror.get(key, _UNSET) != value:
+                    self._mirror[key] = value
+                    await self._set(key, ua.Variant(value, vtype), stamp)
+
+    async def _set(self, key: str, variant: ua.Variant, stamp: datetime) -> None:
+        """Store a value as the server (no client checks), with its timestamps."""
+        assert self._server is not None
+        value = ua.DataValue(variant, SourceTimestamp=stamp, ServerTimestamp=stamp)
+        await self._server.write_attribute_value(self._nodes[key].nodeid, value)
