@@ -28,10 +28,13 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
+
+import numpy as np
 
 from autofab.agents.base import Agent
 from autofab.agents.machine import MachineHost
@@ -185,6 +188,8 @@ class HostActor:
         self.started_at: float | None = None
         self.policy = context.policy or "rules"
         self.metrics_address = ""
+        #: Recent contract-net round latencies (wall seconds, call to award).
+        self.round_sample: deque[float] = deque(maxlen=20_000)
         self._exported: dict[Any, float] = {}
         self._lock = asyncio.Lock()
         self._bus: Any = None
@@ -330,7 +335,9 @@ class HostActor:
                     metrics.CNP_REANNOUNCEMENTS.labels(plant, reason).inc(delta)
                 histogram = metrics.CNP_ROUND_DURATION.labels(plant)
                 while agent.round_seconds:
-                    histogram.observe(agent.round_seconds.popleft())
+                    seconds = agent.round_seconds.popleft()
+                    histogram.observe(seconds)
+                    self.round_sample.append(seconds)
         if self._supervisor is not None:
             s = self._supervisor.stats
             total = 0
@@ -352,6 +359,13 @@ class HostActor:
         if self._runner is not None:
             out["agents"] = {a.name: _agent_stats(a) for a in self._runner.agents}
             out["policy"] = self.policy
+            if self.round_sample:
+                sample = np.asarray(self.round_sample)
+                out["rounds"] = {
+                    "count": int(sample.size),
+                    "p50_s": float(np.percentile(sample, 50)),
+                    "p99_s": float(np.percentile(sample, 99)),
+                }
             out["rejected"] = self._runner.stats.rejected_total()
         if self._gateway is not None:
             g = self._gateway.stats

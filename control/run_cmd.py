@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -85,6 +86,8 @@ EXIT_INTERRUPTED: Final = 130
 ORDER_TIMEOUT_S: Final = 2.0
 #: Wall seconds between the driver's polls of the actors (the live view).
 POLL_S: Final = 0.5
+#: Least wall time the scheduler waits for an operation's result before withdrawing it.
+GRACE_WALL_S: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ class PlantRun:
         )
         write_runtime_file(info)
         self._stack.callback(remove_runtime_file, self.config.name, os.getpid())
+        await self._clear_state()
         twin_settings = TwinSettings(
             speedup=s.speedup,
             seed=s.seed,
@@ -224,7 +228,7 @@ class PlantRun:
             nodemap_path=str(self.twin.nodemap_path),
             operator_token=ensure_operator_token(self.config.name),
             policy=s.policy,
-            agent_settings={k: dict(v) for k, v in s.agent_settings.items()},
+            agent_settings=self._agent_settings(),
         )
         actor_class = remote_class(self._ray)
         for spec in self.specs:
@@ -260,6 +264,31 @@ class PlantRun:
         if self.file_sd is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.file_sd.unlink()
+
+    def _agent_settings(self) -> dict[str, dict[str, Any]]:
+        """The agents' settings: the config's, over defaults that hold at any speedup.
+
+        A result may be late by wall seconds (a reconnect, an actor restart) whatever the
+        speedup, so the scheduler waits at least ``GRACE_WALL_S`` of wall time before it
+        withdraws an award; at 900x the default 600 plant seconds would be 0.7 s.
+        """
+        s = self.settings
+        defaults: dict[str, dict[str, Any]] = {
+            "scheduler": {"grace_seconds": max(600.0, GRACE_WALL_S * s.speedup)},
+        }
+        for kind, values in s.agent_settings.items():
+            defaults.setdefault(kind, {}).update(values)
+        return defaults
+
+    async def _clear_state(self) -> None:
+        """A run starts fresh: drop agent state a previous run left in the key-value store
+        (a configured NATS server outlives runs; the embedded one starts empty)."""
+        from autofab.control.bus import state_bucket_name
+
+        with contextlib.suppress(Exception):
+            await self._bus.client.jetstream().delete_key_value(
+                state_bucket_name(self.config.name)
+            )
 
     def _start_ray(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -445,6 +474,7 @@ class PlantRun:
             "breakdowns": k["breakdowns"],
             "maintenance": k["maintenance"],
             "operations_done": scheduler.get("operations_done"),
+            "negotiation": self.last_stats.get("scheduler", {}).get("rounds", {}),
             "reannounced": scheduler.get("reannounced", {}),
             "plant_writes_accepted": self.twin.accepted_writes,
             "metrics": {"file_sd": str(self.file_sd or ""), "targets": self.metrics_targets},
@@ -542,6 +572,91 @@ async def _run(
     return outcome, report
 
 
+#: The KPIs ``--compare`` puts side by side: (report key, label, format).
+COMPARE_KPIS: Final[tuple[tuple[str, str, str], ...]] = (
+    ("parts_good", "parts good", "{:.1f}"),
+    ("parts_scrap", "parts scrap", "{:.1f}"),
+    ("makespan_s", "makespan h", "{:.2f}"),
+    ("tardiness_s", "tardiness h", "{:.2f}"),
+    ("oee", "OEE", "{:.1%}"),
+    ("energy_kwh", "energy kWh", "{:.1f}"),
+    ("energy_cost", "energy cost", "{:.2f}"),
+    ("peak_kw", "peak kW", "{:.1f}"),
+    ("cap_violations", "cap violations", "{:.1f}"),
+    ("breakdowns", "breakdowns", "{:.1f}"),
+)
+
+
+def kpi_value(report: Mapping[str, Any], key: str) -> float:
+    """One KPI of a report as a number (hours for times, the OEE product for ``oee``)."""
+    value = report[key]
+    if key == "oee":
+        return float(value["oee"])
+    if key.endswith("_s"):
+        return float(value) / 3600.0
+    return float(value)
+
+
+def compare_table(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> Table:
+    """Means over seeds of each KPI, one column per policy."""
+    names = list(results)
+    n = len(next(iter(results.values()))) if results else 0
+    table = Table(title=f"autofab run --compare ({n} seeds, mean)")
+    table.add_column("KPI")
+    for name in names:
+        table.add_column(name, justify="right")
+    for key, label, fmt in COMPARE_KPIS:
+        row = [label]
+        for name in names:
+            values = [kpi_value(r, key) for r in results[name]]
+            row.append(fmt.format(sum(values) / len(values)) if values else "-")
+        table.add_row(*row)
+    return table
+
+
+async def _compare(
+    config: PlantConfig, base: RunSettings, policies: Sequence[str], seeds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every policy on the same seeds (0..seeds-1), one run after another, on one Ray."""
+    import ray
+
+    from autofab.control.ray_tasks import LOCAL_OBJECT_STORE_BYTES
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = False
+    if not ray.is_initialized():
+        if base.ray_address is None:
+            ray.init(
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                logging_level=logging.WARNING,
+            )
+        else:
+            ray.init(address=base.ray_address, logging_level=logging.WARNING)
+        started = True
+    results: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    try:
+        for seed in range(seeds):
+            for name in policies:
+                settings = dataclasses.replace(
+                    base, seed=seed, policy=None if name == "rules" else name
+                )
+                async with PlantRun(config, settings) as plant_run:
+                    outcome = await plant_run.run_until_done()
+                    report = plant_run.report()
+                if outcome != "done":
+                    raise RuntimeError(f"run {name} seed {seed} did not finish ({outcome})")
+                results[name].append(report)
+                console.print(
+                    f"seed {seed} {name}: {report['parts_good']} good, OEE "
+                    f"{report['oee']['oee']:.1%}, tardiness {_hm(report['tardiness_s'])}"
+                )
+    finally:
+        if started:
+            ray.shutdown()
+    return results
+
+
 def run(
     config: Annotated[
         str,
@@ -596,6 +711,16 @@ def run(
         typer.Option("--cert-dir", help="Where the plant's certificates live (made on first run)."),
     ] = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view.")] = True,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            help="Run these policies on the same seeds and print their KPIs side by side: "
+            "'rules' and 'policy' (the --policy one, else the shipped default) or files.",
+            show_default=False,
+        ),
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds 0..N-1 for --compare.")] = 3,
 ) -> None:
     """Run the whole loop: agents as Ray actors over NATS, the supervisor, the plant twin.
 
@@ -631,6 +756,27 @@ def run(
             f"file {str(runtime_file(plant.name))!r}); stop it first"
         )
     _quiet_logging()
+    if compare is not None:
+        names = [c.strip() for c in compare.split(",") if c.strip()]
+        with user_errors():
+            if len(names) < 2:
+                raise ValueError(f"--compare needs two policies or more, got {compare!r}")
+            names = [(policy or "default") if n == "policy" else n for n in names]
+            for name in names:
+                if name != "rules":
+                    from autofab.agents.policies.bidding_policy import load_bidding_policy
+
+                    load_bidding_policy(name)
+        try:
+            results = asyncio.run(_compare(plant, settings, names, seeds))
+        except (ConnectionError, NatsServerError, OSError, TimeoutError) as error:
+            fail(f"could not start: {error}", code=EXIT_STARTUP)
+        console.print(compare_table(results))
+        if report_path is not None:
+            with user_errors(f"cannot write the report {str(report_path)!r}"):
+                report_path.parent.mkdir(parents=True, exist_ok=True)
+                report_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        return
     try:
         outcome, report = asyncio.run(_run(plant, settings, live))
     except (ConnectionError, NatsServerError, OSError, TimeoutError) as error:
