@@ -171,6 +171,9 @@ class BusSettings:
     drain_timeout_s: float = 5.0
     #: The connection's name, as the server's monitoring shows it.
     name: str = "autofab"
+    #: Copies of the agent-state key-value bucket a JetStream cluster keeps (1 on a single
+    #: server; 3 on the three-node cluster of configs/nats/, so a lost node loses nothing).
+    kv_replicas: int = 1
 
     def __post_init__(self) -> None:
         for key in ("ping_interval_s", "max_outstanding_pings"):
@@ -180,6 +183,8 @@ class BusSettings:
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"BusSettings.{key} must be a positive number, got {value}")
+        if not 1 <= self.kv_replicas <= 5:
+            raise ValueError(f"BusSettings.kv_replicas must be 1 to 5, got {self.kv_replicas}")
         if self.pending_size < 0 or self.max_message_bytes < 1:
             raise ValueError(
                 "BusSettings.pending_size must be >= 0 and max_message_bytes >= 1, got "
@@ -604,7 +609,10 @@ class Bus:
             return await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             return await js.create_key_value(
-                bucket=bucket, history=1, description="autofab agent state"
+                bucket=bucket,
+                history=1,
+                description="autofab agent state",
+                replicas=self.settings.kv_replicas,
             )
 
 
