@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -64,7 +65,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Where the driver keeps what a restarted actor must learn (the clock anchor).
+CLOCK_KEY: Final = "clock"
+
+
+def run_bucket_name(plant: str) -> str:
+    """The key-value bucket of a run's shared facts (not agent state)."""
+    return f"autofab-run-{plant}"
+
+
 Hosting = Literal["per_line", "per_agent"]
+#: Wall seconds the supervisor and the gateway get to reach the plant before start fails.
+READY_TIMEOUT_S: Final = 30.0
 HOSTINGS: Final[tuple[str, ...]] = ("per_line", "per_agent")
 Role = Literal["agents", "gateway", "supervisor"]
 
@@ -197,6 +209,7 @@ class HostActor:
         self._gateway: Any = None
         self._supervisor: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._clock: Any = None
 
     async def _ensure_started(self) -> None:
         async with self._lock:
@@ -211,6 +224,7 @@ class HostActor:
         return {
             "name": self.spec.name,
             "pid": os.getpid(),
+            "node": _node_id(),
             "ready_at": self.started_at,
             "metrics": self.metrics_address,
         }
@@ -233,6 +247,8 @@ class HostActor:
             self._supervisor = self._make_supervisor()
             await self._supervisor.start()
             self._supervisor.bus.export_metrics(ctx.plant().name, "supervisor")
+            # Ready means in control: connected to the plant and sending the heartbeat.
+            await self._supervisor.wait_connected(timeout=READY_TIMEOUT_S)
             return
         self._bus = await connect_bus(
             ctx.nats, settings=BusSettings(name=f"autofab-{spec.name}"), timeout=10.0
@@ -247,9 +263,23 @@ class HostActor:
                 load_nodemap(ctx.nodemap_path), self._bus, Path(ctx.cert_dir)
             )
             self._task = asyncio.create_task(self._gateway.run(), name="autofab-gateway")
+            # Ready means reading the plant.
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not self._gateway.stats.connected:
+                if self._task.done() or time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"the telemetry gateway could not read the plant at "
+                        f"{self._gateway.nodemap.endpoint} within {READY_TIMEOUT_S:g} s"
+                    )
+                await asyncio.sleep(0.05)
             return
         factories = agent_factories(ctx)
-        clock = SpeedupClock(ctx.speedup, plant_start=ctx.plant_start, wall_start=ctx.wall_start)
+        clock = self._clock = SpeedupClock(
+            ctx.speedup, plant_start=ctx.plant_start, wall_start=ctx.wall_start
+        )
+        anchor = await self._read_clock()
+        if anchor is not None:  # a restart: the plant's clock was started long ago
+            clock.plant_start, clock.wall_start = anchor
         agents = [factories[name]() for name in spec.agents]
         self._runner = AgentRunner(self._bus, agents, plant=ctx.plant().name, plant_clock=clock)
         await self._runner.start()
@@ -291,6 +321,26 @@ class HostActor:
             )
         if msg.reply:
             await self._bus.client.publish(msg.reply, encode(answer))
+
+    async def _read_clock(self) -> tuple[float, float] | None:
+        """The run's clock anchor (plant time, wall time), once the driver has set it."""
+        try:
+            kv = await self._bus.key_value(run_bucket_name(self.context.plant().name))
+            entry = await kv.get(CLOCK_KEY)
+        except Exception:  # no bucket or no key yet: the run has not started its clock
+            return None
+        if entry.value is None:
+            return None
+        data = json.loads(entry.value)
+        return float(data["plant_start"]), float(data["wall_start"])
+
+    async def set_clock(self, plant_start: float, wall_start: float) -> None:
+        """Anchor the agents' plant clock: plant time ``plant_start`` at ``wall_start``."""
+        await self._ensure_started()
+        if self._clock is not None:
+            self._clock.plant_start, self._clock.wall_start = plant_start, wall_start
+            if self._runner is not None:
+                self._runner.rearm()
 
     def _make_supervisor(self) -> Any:
         from autofab.control.opcua.nodemap import load_nodemap
@@ -413,6 +463,16 @@ class HostActor:
         return os.getpid()
 
 
+def _node_id() -> str:
+    """The Ray node this actor runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
+
+
 def _reconstructed() -> bool:
     """Whether Ray restarted this actor after a crash (False outside Ray)."""
     import warnings
@@ -439,4 +499,6 @@ def actor_options(spec: ActorSpec) -> Mapping[str, Any]:
         "num_cpus": spec.num_cpus,
         "max_restarts": spec.max_restarts,
         "max_task_retries": -1 if spec.max_restarts else 0,
+        # Over a cluster, spread the actors across the nodes rather than pack one.
+        "scheduling_strategy": "SPREAD",
     }

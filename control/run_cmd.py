@@ -50,6 +50,7 @@ from rich.table import Table
 from autofab.agents.protocol import OrderAck, OrderRefused, OrderSubmit, Subjects
 from autofab.control import metrics
 from autofab.control.cluster import (
+    CLOCK_KEY,
     HOSTINGS,
     ActorSpec,
     Hosting,
@@ -57,6 +58,7 @@ from autofab.control.cluster import (
     actor_options,
     plan_actors,
     remote_class,
+    run_bucket_name,
 )
 from autofab.control.console import console, err_console, fail, user_errors
 from autofab.control.natsd import EmbeddedNats, NatsEndpoint, NatsServerError
@@ -167,6 +169,8 @@ class PlantRun:
         self._ray_started = False
         self._bus: Any = None
         self.file_sd: Path | None = None
+        #: The Ray nodes the actors run on.
+        self.nodes: list[str] = []
         self.metrics_targets: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -210,6 +214,7 @@ class PlantRun:
             cert_dir=s.cert_dir,
             dispatch="agents",
             watchdog_timeout_s=s.watchdog_timeout_s,
+            start_paused=True,
         )
         self.twin = PlantTwin(self.config, twin_settings)
         await self.twin.start()
@@ -237,7 +242,21 @@ class PlantRun:
             )
         started = await asyncio.gather(*(a.start.remote() for a in self.actors.values()))
         self.agents_ready_s = time.monotonic() - self.t0
+        self.nodes = sorted({str(info.get("node", "")) for info in started} - {""})
+        await self._start_clock()
         self._start_metrics(started)
+
+    async def _start_clock(self) -> None:
+        """Start plant time now that every agent is ready, and tell every actor (and the
+        key-value store, for actors restarted later) where the clock stands."""
+        assert self.twin is not None
+        plant_start, wall_start = self.twin.resume(), time.time()
+        kv = await self._bus.key_value(run_bucket_name(self.config.name))
+        anchor = {"plant_start": plant_start, "wall_start": wall_start}
+        await kv.put(CLOCK_KEY, json.dumps(anchor).encode())
+        await asyncio.gather(
+            *(a.set_clock.remote(plant_start, wall_start) for a in self.actors.values())
+        )
 
     def _start_metrics(self, started: Sequence[Mapping[str, Any]]) -> None:
         """This process's exporter (the plant's metrics) and the file_sd file that lists it
@@ -285,10 +304,9 @@ class PlantRun:
         (a configured NATS server outlives runs; the embedded one starts empty)."""
         from autofab.control.bus import state_bucket_name
 
-        with contextlib.suppress(Exception):
-            await self._bus.client.jetstream().delete_key_value(
-                state_bucket_name(self.config.name)
-            )
+        for bucket in (state_bucket_name(self.config.name), run_bucket_name(self.config.name)):
+            with contextlib.suppress(Exception):
+                await self._bus.client.jetstream().delete_key_value(bucket)
 
     def _start_ray(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -303,6 +321,7 @@ class PlantRun:
         address = self.settings.ray_address
         if address is None:
             ray.init(
+                address="local",  # a new local Ray, even where `ray start` runs one
                 include_dashboard=False,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 **quiet,
@@ -456,6 +475,7 @@ class PlantRun:
             "speedup": self.settings.speedup,
             "hosting": self.settings.hosting,
             "actors": len(self.specs),
+            "ray_nodes": len(self.nodes),
             "agents_ready_s": self.agents_ready_s,
             "plant_time_s": k["sim_time_s"],
             "wall_s": time.monotonic() - self.t0,
@@ -627,6 +647,7 @@ async def _compare(
     if not ray.is_initialized():
         if base.ray_address is None:
             ray.init(
+                address="local",
                 include_dashboard=False,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 logging_level=logging.WARNING,

@@ -182,6 +182,9 @@ class TwinSettings:
     #: Wall seconds between updates of the noisy sensor readings (vibration, temperature,
     #: power); states, counters and operations are published on every scan they change.
     sensor_period_s: float = 0.5
+    #: Hold plant time at 0 until :meth:`PlantTwin.resume` (``autofab run`` starts the
+    #: clock once every agent is ready, so start-up does not eat the shift).
+    start_paused: bool = False
     host: str = field(default=LOOPBACK)
 
     def __post_init__(self) -> None:
@@ -275,6 +278,7 @@ class PlantTwin:
         self.last_defect = np.zeros(n, dtype=bool)
         self._attempts_seen = 0
         self.aborted = 0
+        self.paused = self.settings.start_paused
         #: Setpoint writes the twin accepted from a client (heartbeats not counted).
         self.accepted_writes = 0
         #: What the address space holds, as last written, so a scan writes only changes.
@@ -610,9 +614,15 @@ class PlantTwin:
             await asyncio.sleep(self.settings.tick_s)
             now = time.monotonic()
             self._watchdog(now)
-            self.step(now - last)
+            if not self.paused:
+                self.step(now - last)
             last = now
             await self._publish()
+
+    def resume(self) -> float:
+        """Start plant time (a twin made with ``start_paused``); returns the plant time."""
+        self.paused = False
+        return self.model.now
 
     async def _publish(self) -> None:
         """Write the model's state into the address space (as the server, unchecked)."""

@@ -238,3 +238,36 @@ def test_report_file_is_json(private_dirs: Path, tmp_path: Path) -> None:
     assert data["plant"] == "demo"
     assert data["agents_ready_s"] > 0
     assert os.path.getsize(out) > 100
+
+
+@pytest.mark.slow
+def test_run_on_a_two_node_ray_cluster(private_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray start` a head and a second node on this machine; the run spreads its actors
+    over both and works through them."""
+    import shutil
+    import subprocess
+    import sys
+
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray_cli is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head = [ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", *common]
+    worker = [ray_cli, "start", f"--address=127.0.0.1:{port}", *common]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
+        settings = RunSettings(
+            duration_s=2 * 3600.0, speedup=600.0, seed=5, ray_address=f"127.0.0.1:{port}"
+        )
+        outcome, report, run = _run(settings)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert outcome == "done"
+    assert report["ray_nodes"] == 2
+    assert report["parts_good"] > 0
+    _good_ops_at_most_once(run)
