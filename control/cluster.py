@@ -97,6 +97,8 @@ class RunContext:
     operator_token: str = field(repr=False)
     policy: str | None = None
     agent_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Replicas of the key-value buckets (3 on the NATS cluster of configs/nats/).
+    kv_replicas: int = 1
 
     def plant(self) -> PlantConfig:
         return PlantConfig.model_validate(self.config)
@@ -251,7 +253,9 @@ class HostActor:
             await self._supervisor.wait_connected(timeout=READY_TIMEOUT_S)
             return
         self._bus = await connect_bus(
-            ctx.nats, settings=BusSettings(name=f"autofab-{spec.name}"), timeout=10.0
+            ctx.nats,
+            settings=BusSettings(name=f"autofab-{spec.name}", kv_replicas=ctx.kv_replicas),
+            timeout=10.0,
         )
         if spec.role == "gateway":
             from autofab.control.gateway import TelemetryGateway

@@ -49,6 +49,7 @@ from rich.table import Table
 
 from autofab.agents.protocol import OrderAck, OrderRefused, OrderSubmit, Subjects
 from autofab.control import metrics
+from autofab.control.bus import BusSettings
 from autofab.control.cluster import (
     CLOCK_KEY,
     HOSTINGS,
@@ -107,6 +108,7 @@ class RunSettings:
     policy: str | None = None
     cert_dir: Path | None = None
     watchdog_timeout_s: float = 5.0
+    kv_replicas: int = 1
     agent_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +120,8 @@ class RunSettings:
             raise ValueError(
                 f"hosting: expected one of {', '.join(HOSTINGS)}, got {self.hosting!r}"
             )
+        if not 1 <= self.kv_replicas <= 5:
+            raise ValueError(f"kv_replicas: expected 1 to 5, got {self.kv_replicas!r}")
         if self.num_cpus < 0 or self.max_restarts < 0:
             raise ValueError("num_cpus and max_restarts must be >= 0")
 
@@ -194,7 +198,11 @@ class PlantRun:
             self.endpoint = server.endpoint
         else:
             self.endpoint = s.nats
-        self._bus = await connect_bus(self.endpoint, timeout=10.0)
+        self._bus = await connect_bus(
+            self.endpoint,
+            settings=BusSettings(name="autofab-run", kv_replicas=s.kv_replicas),
+            timeout=10.0,
+        )
         self._stack.push_async_callback(self._bus.close)
         # Where `autofab order` and `autofab policy deploy` find this plant's bus.
         info = RuntimeInfo(
@@ -234,6 +242,7 @@ class PlantRun:
             operator_token=ensure_operator_token(self.config.name),
             policy=s.policy,
             agent_settings=self._agent_settings(),
+            kv_replicas=s.kv_replicas,
         )
         actor_class = remote_class(self._ray)
         for spec in self.specs:
@@ -731,6 +740,15 @@ def run(
         Path | None,
         typer.Option("--cert-dir", help="Where the plant's certificates live (made on first run)."),
     ] = None,
+    kv_replicas: Annotated[
+        int,
+        typer.Option(
+            "--kv-replicas",
+            min=1,
+            max=5,
+            help="Replicas of the agent-state bucket (3 on a three-node NATS cluster).",
+        ),
+    ] = 1,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view.")] = True,
     compare: Annotated[
         str | None,
@@ -760,6 +778,7 @@ def run(
             nats=None if nats_url is None else NatsEndpoint(nats_url, user, password),
             policy=None if policy == "rules" else policy,
             cert_dir=cert_dir,
+            kv_replicas=kv_replicas,
         )
         if settings.policy is not None:
             from autofab.agents.policies.bidding_policy import load_bidding_policy
