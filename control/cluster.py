@@ -99,6 +99,17 @@ class RunContext:
     agent_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Replicas of the key-value buckets (3 on the NATS cluster of configs/nats/).
     kv_replicas: int = 1
+    #: The plant's OPC UA endpoint, where it differs from the node map's.
+    endpoint: str | None = None
+
+    def nodemap(self) -> Any:
+        """The node map, with :attr:`endpoint` in place of the file's when given."""
+        import dataclasses
+
+        from autofab.control.opcua.nodemap import load_nodemap
+
+        nodemap = load_nodemap(self.nodemap_path)
+        return dataclasses.replace(nodemap, endpoint=self.endpoint) if self.endpoint else nodemap
 
     def plant(self) -> PlantConfig:
         return PlantConfig.model_validate(self.config)
@@ -261,11 +272,8 @@ class HostActor:
             from autofab.control.gateway import TelemetryGateway
 
             self._bus.export_metrics(ctx.plant().name, "gateway")
-            from autofab.control.opcua.nodemap import load_nodemap
 
-            self._gateway = TelemetryGateway(
-                load_nodemap(ctx.nodemap_path), self._bus, Path(ctx.cert_dir)
-            )
+            self._gateway = TelemetryGateway(ctx.nodemap(), self._bus, Path(ctx.cert_dir))
             self._task = asyncio.create_task(self._gateway.run(), name="autofab-gateway")
             # Ready means reading the plant.
             deadline = time.monotonic() + READY_TIMEOUT_S
@@ -347,7 +355,6 @@ class HostActor:
                 self._runner.rearm()
 
     def _make_supervisor(self) -> Any:
-        from autofab.control.opcua.nodemap import load_nodemap
         from autofab.control.opcua.writer import PlantCredentials
         from autofab.control.supervisor import SupervisorLimits
         from autofab.control.supervisor_runtime import SupervisorRuntime
@@ -356,7 +363,7 @@ class HostActor:
         plant = ctx.plant()
         return SupervisorRuntime(
             limits=SupervisorLimits.from_plant(plant),
-            nodemap=load_nodemap(ctx.nodemap_path),
+            nodemap=ctx.nodemap(),
             credentials=PlantCredentials.from_cert_dir(Path(ctx.cert_dir)),
             nats=ctx.nats,
             operator_token=ctx.operator_token,

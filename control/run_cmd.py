@@ -109,6 +109,11 @@ class RunSettings:
     cert_dir: Path | None = None
     watchdog_timeout_s: float = 5.0
     kv_replicas: int = 1
+    #: A real plant (or any OPC UA server) instead of the twin: its node map, and
+    #: optionally an endpoint that overrides the map's. ``cert_dir`` must then hold the
+    #: supervisor's login (``supervisor.json``).
+    nodemap: Path | None = None
+    endpoint: str | None = None
     agent_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -144,6 +149,90 @@ class RunProgress:
     actors: int = 0
 
 
+class PlantReader:
+    """A read-only view of a real plant for the driver: plant time, each machine's state
+    and counters, read every ``period_s`` over its own secure, anonymous OPC UA session
+    (the driver never writes: only the supervisor does)."""
+
+    COUNTERS: Final = ("parts_good", "parts_scrap", "breakdowns")
+
+    def __init__(
+        self, nodemap: Any, cert_dir: Path, *, endpoint: str | None = None, period_s: float = 0.5
+    ) -> None:
+        self.nodemap = nodemap
+        self.cert_dir = cert_dir
+        self.endpoint = endpoint or nodemap.endpoint
+        self.period_s = period_s
+        self.machines = list(nodemap.machines)
+        self.plant_time = 0.0
+        self.plant_power_w = 0.0
+        self.values: dict[tuple[str, str], Any] = {}
+        self._client: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect and read once (a clear error if the plant cannot be reached)."""
+        from asyncua import Client, ua
+        from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+        from autofab.control.opcua.security import ensure_client_files
+
+        files = ensure_client_files(self.cert_dir, "run-client")
+        client = Client(self.endpoint, timeout=4.0)
+        client.application_uri = "urn:autofab:run-client"
+        await client.set_security(
+            SecurityPolicyBasic256Sha256,
+            str(files.certificate),
+            str(files.private_key),
+            mode=ua.MessageSecurityMode.SignAndEncrypt,
+        )
+        try:
+            await client.connect()
+        except Exception as exc:
+            raise ConnectionError(f"cannot reach the plant at {self.endpoint}: {exc!r}") from None
+        self._client = client
+        self._targets = [("", "plant_time"), ("", "power")] + [
+            (m, v) for m in self.machines for v in ("state", *self.COUNTERS)
+        ]
+        self._nodes = [
+            client.get_node(self.nodemap.plant_node_id(v) if not m else self.nodemap.node_id(m, v))
+            for m, v in self._targets
+        ]
+        await self.read()
+        self._task = asyncio.create_task(self._loop(), name="autofab-plant-reader")
+
+    async def read(self) -> None:
+        values = await self._client.read_values(self._nodes)
+        self.values = dict(zip(self._targets, values, strict=True))
+        self.plant_time = float(self.values[("", "plant_time")])
+        self.plant_power_w = float(self.values[("", "power")])
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                await self.read()
+            except Exception as exc:  # a lost link: keep the last values, say so
+                log.warning("plant reader: %r", exc)
+
+    def states(self) -> dict[str, str]:
+        from autofab.control.gateway import STATES
+
+        return {m: STATES.get(int(self.values[(m, "state")]), "idle") for m in self.machines}
+
+    def total(self, counter: str) -> int:
+        return sum(int(self.values[(m, counter)]) for m in self.machines)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.disconnect()
+
+
 class PlantRun:
     """One ``autofab run``: use ``async with PlantRun(config, settings) as run:`` and
     ``await run.run_until_done(stop)``; :meth:`report` afterwards."""
@@ -164,6 +253,11 @@ class PlantRun:
         self.t0 = time.monotonic()
         self.agents_ready_s: float | None = None
         self.twin: PlantTwin | None = None
+        #: A real plant's reader (``nodemap`` given) and its plant time at the start.
+        self.link: PlantReader | None = None
+        self.link_start = 0.0
+        self.cert_dir = Path()
+        self.nodemap_path = Path()
         self.actors: dict[str, Any] = {}
         self.acks: dict[str, OrderAck | OrderRefused] = {}
         self.last_stats: dict[str, dict[str, Any]] = {}
@@ -216,17 +310,10 @@ class PlantRun:
         write_runtime_file(info)
         self._stack.callback(remove_runtime_file, self.config.name, os.getpid())
         await self._clear_state()
-        twin_settings = TwinSettings(
-            speedup=s.speedup,
-            seed=s.seed,
-            cert_dir=s.cert_dir,
-            dispatch="agents",
-            watchdog_timeout_s=s.watchdog_timeout_s,
-            start_paused=True,
-        )
-        self.twin = PlantTwin(self.config, twin_settings)
-        await self.twin.start()
-        self._stack.push_async_callback(self.twin.stop)
+        if s.nodemap is not None:
+            await self._start_plant_link(s.nodemap)
+        else:
+            await self._start_twin()
         self._start_ray()
         from autofab.control.supervisor_runtime import ensure_operator_token
 
@@ -234,15 +321,16 @@ class PlantRun:
             config=self.config.model_dump(mode="json"),
             nats=self.endpoint,
             speedup=s.speedup,
-            plant_start=self.twin.model.now,
+            plant_start=self.plant_time,
             wall_start=time.time(),
             hosting=s.hosting,
-            cert_dir=str(self.twin.cert_dir),
-            nodemap_path=str(self.twin.nodemap_path),
+            cert_dir=str(self.cert_dir),
+            nodemap_path=str(self.nodemap_path),
             operator_token=ensure_operator_token(self.config.name),
             policy=s.policy,
             agent_settings=self._agent_settings(),
             kv_replicas=s.kv_replicas,
+            endpoint=s.endpoint,
         )
         actor_class = remote_class(self._ray)
         for spec in self.specs:
@@ -255,11 +343,49 @@ class PlantRun:
         await self._start_clock()
         self._start_metrics(started)
 
+    async def _start_twin(self) -> None:
+        s = self.settings
+        twin_settings = TwinSettings(
+            speedup=s.speedup,
+            seed=s.seed,
+            cert_dir=s.cert_dir,
+            dispatch="agents",
+            watchdog_timeout_s=s.watchdog_timeout_s,
+            start_paused=True,
+        )
+        self.twin = PlantTwin(self.config, twin_settings)
+        await self.twin.start()
+        self._stack.push_async_callback(self.twin.stop)
+        self.cert_dir, self.nodemap_path = self.twin.cert_dir, self.twin.nodemap_path
+
+    async def _start_plant_link(self, nodemap_path: Path) -> None:
+        """A real plant: check the node map and the login here, before any actor starts,
+        and read the plant's time and counters for the live view and the report."""
+        from autofab.control.opcua.nodemap import load_nodemap
+        from autofab.control.opcua.writer import PlantCredentials
+
+        s = self.settings
+        if s.cert_dir is None:
+            raise ValueError("--cert-dir is required with --nodemap (it holds supervisor.json)")
+        nodemap = load_nodemap(nodemap_path)
+        missing = nodemap.missing_work_variables()
+        if missing:
+            raise ValueError(
+                f"node map {str(nodemap_path)!r} lacks the operation interface autofab run "
+                f"needs ({len(missing)} variables, first: {', '.join(missing[:4])})"
+            )
+        PlantCredentials.from_cert_dir(s.cert_dir)  # a clear error now, not in an actor
+        self.cert_dir, self.nodemap_path = Path(s.cert_dir), Path(nodemap_path)
+        self.link = PlantReader(nodemap, self.cert_dir, endpoint=s.endpoint)
+        await self.link.start()
+        self._stack.push_async_callback(self.link.stop)
+        self.link_start = self.link.plant_time
+
     async def _start_clock(self) -> None:
         """Start plant time now that every agent is ready, and tell every actor (and the
         key-value store, for actors restarted later) where the clock stands."""
-        assert self.twin is not None
-        plant_start, wall_start = self.twin.resume(), time.time()
+        plant_start = self.twin.resume() if self.twin is not None else self.plant_time
+        wall_start = time.time()
         kv = await self._bus.key_value(run_bucket_name(self.config.name))
         anchor = {"plant_start": plant_start, "wall_start": wall_start}
         await kv.put(CLOCK_KEY, json.dumps(anchor).encode())
@@ -270,7 +396,6 @@ class PlantRun:
     def _start_metrics(self, started: Sequence[Mapping[str, Any]]) -> None:
         """This process's exporter (the plant's metrics) and the file_sd file that lists it
         beside every actor's, for Prometheus (configs/prometheus/prometheus.yml)."""
-        assert self.twin is not None
         host, port = metrics.start_exporter()
         self._stack.callback(metrics.stop_exporter)
         self._bus.export_metrics(self.config.name, "mes")
@@ -285,8 +410,9 @@ class PlantRun:
             metrics.file_sd_path(self.config.name), targets, labels={"plant": self.config.name}
         )
         self._stack.callback(self._remove_file_sd)
-        metrics.PLANT.update(metrics.plant_snapshot(self.twin.model))
-        self._stack.callback(metrics.PLANT.clear)
+        if self.twin is not None:
+            metrics.PLANT.update(metrics.plant_snapshot(self.twin.model))
+            self._stack.callback(metrics.PLANT.clear)
 
     def _remove_file_sd(self) -> None:
         if self.file_sd is not None:
@@ -362,16 +488,21 @@ class PlantRun:
     @property
     def endpoint_text(self) -> str:
         """The plant's OPC UA endpoint, for people."""
-        return self.twin.endpoint if self.twin is not None else "(not started)"
+        if self.twin is not None:
+            return self.twin.endpoint
+        return self.link.endpoint if self.link is not None else "(not started)"
 
     @property
     def plant_time(self) -> float:
-        assert self.twin is not None
-        return self.twin.model.now
+        if self.twin is not None:
+            return self.twin.model.now
+        assert self.link is not None
+        return self.link.plant_time
 
     def finished(self) -> bool:
         """Plant time reached the duration, or every order submitted is done."""
-        assert self.twin is not None
+        if self.twin is None:  # a real plant: orders come from its MES; run for the time
+            return self.plant_time - self.link_start >= self.settings.duration_s - 1e-6
         model = self.twin.model
         if self.plant_time >= self.settings.duration_s - 1e-6 or model.done:
             return True
@@ -417,7 +548,20 @@ class PlantRun:
         return self.progress(up)
 
     def progress(self, actors_up: int | None = None) -> RunProgress:
-        assert self.twin is not None
+        up = len(self.actors) if actors_up is None else actors_up
+        if self.twin is None:
+            assert self.link is not None
+            return RunProgress(
+                plant_time=self.plant_time - self.link_start,
+                duration_s=self.settings.duration_s,
+                jobs_done=self.link.total("parts_good"),
+                ops_in_progress=sum(v == "running" for v in self.link.states().values()),
+                machines=self.link.states(),
+                power_kw=self.link.plant_power_w / 1e3,
+                safety=self.safety(),
+                actors_up=up,
+                actors=len(self.specs),
+            )
         model = self.twin.model
         names = model.plant.machine_names
         states = ("idle", "running", "down", "maintenance")
@@ -448,7 +592,8 @@ class PlantRun:
         on_progress: Callable[[RunProgress], None] | None = None,
     ) -> str:
         """Run until :meth:`finished` (``"done"``) or ``stop`` is set (``"stopped"``)."""
-        feeder = asyncio.create_task(self._feed_orders(), name="autofab-mes")
+        mes = self._feed_orders() if self.twin is not None else asyncio.sleep(0)
+        feeder = asyncio.create_task(mes, name="autofab-mes")
         try:
             while True:
                 p = await self.poll()
@@ -473,9 +618,41 @@ class PlantRun:
         await self.poll()
         return outcome
 
+    def _plant_report(self) -> dict[str, Any]:
+        """A real plant's report: what its counters and the agents say. Energy, OEE and
+        tardiness need the plant's own meters and due dates, so they are null here."""
+        assert self.link is not None
+        scheduler = self.last_stats.get("scheduler", {}).get("agents", {}).get("scheduler", {})
+        return {
+            "plant": self.config.name,
+            "endpoint": self.link.endpoint,
+            "hosting": self.settings.hosting,
+            "actors": len(self.specs),
+            "ray_nodes": len(self.nodes),
+            "agents_ready_s": self.agents_ready_s,
+            "plant_time_s": self.plant_time - self.link_start,
+            "wall_s": time.monotonic() - self.t0,
+            "parts_good": self.link.total("parts_good"),
+            "parts_scrap": self.link.total("parts_scrap"),
+            "makespan_s": None,
+            "tardiness_s": None,
+            "oee": None,
+            "energy_kwh": None,
+            "energy_cost": None,
+            "peak_kw": None,
+            "cap_violations": None,
+            "safety": self.safety(),
+            "breakdowns": self.link.total("breakdowns"),
+            "maintenance": None,
+            "operations_done": scheduler.get("operations_done"),
+            "negotiation": self.last_stats.get("scheduler", {}).get("rounds", {}),
+            "metrics": {"file_sd": str(self.file_sd or ""), "targets": self.metrics_targets},
+        }
+
     def report(self) -> dict[str, Any]:
         """The run's report: the issue's keys, plus where each number comes from."""
-        assert self.twin is not None
+        if self.twin is None:
+            return self._plant_report()
         k = self.twin.model.kpis()
         scheduler = self.last_stats.get("scheduler", {}).get("agents", {}).get("scheduler", {})
         return {
@@ -740,6 +917,19 @@ def run(
         Path | None,
         typer.Option("--cert-dir", help="Where the plant's certificates live (made on first run)."),
     ] = None,
+    nodemap: Annotated[
+        Path | None,
+        typer.Option(
+            "--nodemap",
+            help="Drive a real plant (any OPC UA server) through this node map instead of "
+            "the twin; --cert-dir must hold the supervisor's login.",
+            show_default=False,
+        ),
+    ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", help="The plant's OPC UA endpoint (overrides the map's)."),
+    ] = None,
     kv_replicas: Annotated[
         int,
         typer.Option(
@@ -779,7 +969,15 @@ def run(
             policy=None if policy == "rules" else policy,
             cert_dir=cert_dir,
             kv_replicas=kv_replicas,
+            nodemap=nodemap,
+            endpoint=endpoint,
         )
+        if nodemap is not None:
+            from autofab.control.opcua.nodemap import load_nodemap
+
+            if cert_dir is None:
+                raise ValueError("--nodemap needs --cert-dir, the folder with supervisor.json")
+            load_nodemap(nodemap)  # a clear error about the file before anything starts
         if settings.policy is not None:
             from autofab.agents.policies.bidding_policy import load_bidding_policy
 
@@ -821,6 +1019,8 @@ def run(
         outcome, report = asyncio.run(_run(plant, settings, live))
     except (ConnectionError, NatsServerError, OSError, TimeoutError) as error:
         fail(f"could not start: {error}", code=EXIT_STARTUP)
+    except ValueError as error:  # a node map or login found wanting while starting
+        fail(str(error))
     except Exception as error:  # Ray's own startup errors, named
         if type(error).__name__ in ("RayAddressError", "RaySystemError", "RayActorError"):
             fail(f"could not start Ray: {error}", code=EXIT_STARTUP)

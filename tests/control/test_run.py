@@ -271,3 +271,58 @@ def test_run_on_a_two_node_ray_cluster(private_dirs: Path, monkeypatch: pytest.M
     assert report["ray_nodes"] == 2
     assert report["parts_good"] > 0
     _good_ops_at_most_once(run)
+
+
+def test_run_against_an_existing_plant_server(private_dirs: Path, tmp_path: Path) -> None:
+    """--nodemap: no twin of its own; the plant is an OPC UA server that is already up (here
+    a twin started apart, with its own certificates), orders come from an MES over NATS."""
+    from autofab.agents.protocol import OrderAck, OrderSubmit
+    from autofab.control.negotiate_cmd import config_orders
+    from autofab.control.opcua.twin import PlantTwin, TwinSettings
+
+    config = load_plant(DEMO)
+
+    async def main() -> tuple[str, dict[str, Any]]:
+        plant_settings = TwinSettings(
+            speedup=600.0, seed=7, dispatch="agents", cert_dir=tmp_path / "plant-certs"
+        )
+        async with PlantTwin(config, plant_settings) as plant:
+            settings = RunSettings(
+                duration_s=2 * 3600.0,
+                speedup=600.0,
+                nodemap=plant.nodemap_path,
+                cert_dir=plant.cert_dir,
+            )
+            async with PlantRun(config, settings) as run:
+                assert run.twin is None
+                backlog = [o for o in config_orders(config, 7) if o.arrival_at == 0.0][:4]
+
+                async def mes() -> None:
+                    for o in backlog:
+                        job = int(o.submit.client_order_id.rsplit("-", 1)[1]) - 1
+                        msg = OrderSubmit.model_validate(
+                            {**o.submit.model_dump(), "plant_job": job}
+                        )
+                        answer = await run._bus.request(run.subjects.orders_submit, msg, timeout=5)
+                        assert isinstance(answer, OrderAck)
+
+                side = asyncio.create_task(mes())
+                outcome = await run.run_until_done()
+                await side
+                report = run.report()
+            assert plant.accepted_writes > 0
+            return outcome, report
+
+    outcome, report = asyncio.run(main())
+    assert outcome == "done"
+    assert report["parts_good"] + report["operations_done"] > 0
+    assert report["oee"] is None  # a real plant's OEE comes from its own meters
+    assert report["safety"]["requests"] > 0
+
+
+def test_run_nodemap_needs_the_login(cli: CliRunner, tmp_path: Path) -> None:
+    nodemap = tmp_path / "map.json"
+    nodemap.write_text("{}")
+    result = cli.invoke(app, ["run", "--nodemap", str(nodemap), "--no-live"])
+    assert result.exit_code in (2, 3), result.output
+    assert "cert-dir" in result.output or "node map" in result.output
