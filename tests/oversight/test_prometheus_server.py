@@ -258,3 +258,79 @@ def test_prometheus_parses_every_dashboard_query(prometheus: PrometheusServer):
             prometheus.query(expr)
         except urllib.error.HTTPError as error:
             pytest.fail(f"{where}: Prometheus refuses {expr}: {error.read().decode()}")
+
+
+def _prometheus_config(sd_dir: Path, path: Path) -> Path:
+    """The shipped config, scraping twice a second, pointed at ``sd_dir``."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "500ms", "evaluation_interval": "500ms"}
+    config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "autofab"]
+    job["file_sd_configs"][0]["files"] = [str(sd_dir / "*.json")]
+    config["scrape_configs"] = [job]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.promtool
+def test_prometheus_scrapes_a_live_autofab_run(
+    prometheus_bin: str, promtool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real Prometheus scrapes a short ``autofab run`` (Ray actors, nats-server, the
+    twin) through the run's file_sd file; the exposition of every process passes
+    ``promtool check metrics``."""
+    import asyncio
+
+    from autofab.control.run_cmd import PlantRun, RunSettings
+    from autofab.envs.plant import load_plant
+
+    monkeypatch.chdir(tmp_path)  # the run writes runs/file_sd/<plant>.json here
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    found: dict[str, Any] = {}
+
+    async def main() -> None:
+        settings = RunSettings(duration_s=3 * 3600.0, speedup=900.0, seed=1)
+        async with PlantRun(load_plant("demo"), settings) as run:
+            assert run.file_sd is not None
+            config = _prometheus_config(run.file_sd.parent, tmp_path / "prometheus.yml")
+            server = await asyncio.to_thread(
+                start_prometheus, prometheus_bin, config, tmp_path / "data"
+            )
+            try:
+                await run.run_until_done()
+                # The exporters are still up: ask Prometheus, and lint each exposition.
+                found["parts"] = await asyncio.to_thread(
+                    server.wait_for, "sum(autofab_plant_parts_good_total) > 0"
+                )
+                found["oee"] = await asyncio.to_thread(
+                    server.wait_for, "plant:autofab_oee:ratio_rate5m"
+                )
+                found["rounds"] = await asyncio.to_thread(
+                    server.wait_for, "sum(autofab_cnp_round_duration_seconds_count) > 0"
+                )
+                found["up"] = server.query('up{job="autofab"} == 1')
+                for target in run.metrics_targets:
+                    url = f"http://{target}/metrics"
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        text = response.read()
+                    check = subprocess.run(
+                        [promtool, "check", "metrics"], input=text, capture_output=True
+                    )
+                    found.setdefault("lint", []).append(
+                        (target, check.returncode, check.stdout + check.stderr)
+                    )
+            finally:
+                server.process.terminate()
+                server.process.wait(15)
+
+    asyncio.run(main())
+    assert float(found["parts"][0]["value"][1]) > 0
+    [oee] = found["oee"]
+    assert 0 < float(oee["value"][1]) <= 1
+    assert float(found["rounds"][0]["value"][1]) > 0
+    assert len(found["up"]) >= 7  # the driver and every actor
+    for target, code, output in found["lint"]:
+        assert code == 0, f"{target}: {output!r}"
+        assert output.strip() == b"", f"{target}: {output!r}"
