@@ -72,11 +72,33 @@ def _run(
     return asyncio.run(main())
 
 
-def test_run_end_to_end_on_the_real_stack(private_dirs: Path) -> None:
+def test_run_end_to_end_on_the_real_stack(private_dirs: Path, tmp_path: Path) -> None:
+    from autofab.control.policy_cmd import deploy_policy
+
     before = _nats_servers()
+    answers: dict[str, list[Any]] = {}
+    bad = tmp_path / "bad-policy.npz"
+    bad.write_bytes(b"not a policy")
+
+    async def swap_policies(run: PlantRun) -> None:
+        """`autofab policy deploy` while the plant runs: a good one is taken by every
+        machine host, a broken file is refused by each and the good one stays."""
+        assert run.endpoint is not None
+        plant = run.config.name
+        answers["good"] = await deploy_policy(run.endpoint, plant, "default", 2.0, "tester")
+        answers["bad"] = await deploy_policy(run.endpoint, plant, str(bad), 2.0, "tester")
+
     settings = RunSettings(duration_s=3 * 3600.0, speedup=900.0, seed=1)
-    outcome, report, run = _run(settings)
+    outcome, report, run = _run(settings, swap_policies)
     assert outcome == "done"
+    hosts = {"line-machining", "line-finishing"}
+    assert {a.host for a in answers["good"]} == hosts
+    assert all(a.ok for a in answers["good"])
+    assert {a.host for a in answers["bad"]} == hosts
+    assert not any(a.ok for a in answers["bad"])
+    assert all("bad-policy.npz" in a.detail for a in answers["bad"])
+    for host in hosts:
+        assert run.last_stats[host]["policy"] == "default"  # the old one stayed
     for key in (
         "agents_ready_s",
         "parts_good",
@@ -326,3 +348,42 @@ def test_run_nodemap_needs_the_login(cli: CliRunner, tmp_path: Path) -> None:
     result = cli.invoke(app, ["run", "--nodemap", str(nodemap), "--no-live"])
     assert result.exit_code in (2, 3), result.output
     assert "cert-dir" in result.output or "node map" in result.output
+
+
+def test_ctrl_c_stops_everything_and_reports(private_dirs: Path, tmp_path: Path) -> None:
+    """SIGINT to `autofab run`: exit 130 with the report written, and no nats-server, Ray
+    or other child process left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "autofab.control.cli", "run", "--no-live"]
+    proc = subprocess.Popen(
+        [*cmd, "--duration", "8h", "--speedup", "60", "--report", str(report)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    children: set[int] = set()
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        if "actors ready" in line:
+            break
+        assert time.monotonic() < deadline, "autofab run did not get ready"
+    time.sleep(3)
+    children = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    assert children  # nats-server and Ray's processes
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert json.loads(report.read_text())["agents_ready_s"] > 0
+    time.sleep(2)
+    alive = [
+        pid
+        for pid in children
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+    ]
+    assert alive == [], [psutil.Process(p).cmdline() for p in alive]
