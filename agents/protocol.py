@@ -207,6 +207,10 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 Amount = Annotated[float, Field(ge=0)]
 #: An operation's index in its job's route.
 OpIndex = Annotated[int, Field(ge=0)]
+#: The plant's own number for a production order (one unit), where the plant runs numbered
+#: orders, as the OPC UA twin does: it travels from the order through the calls and awards,
+#: so the winning machine can name it when it asks the plant to start the operation.
+PlantJob = Annotated[int | None, Field(ge=0)]
 #: Free text for people (reasons); bounded so one message cannot carry a novel.
 Text = Annotated[str, StringConstraints(max_length=500)]
 #: A plant variable's name as the supervisor and the OPC UA node map spell it.
@@ -271,13 +275,7 @@ class CallForProposals(MessageBase):
     material: Token | None = Field(None, description="Raw material consumed at the start.")
     quantity: Amount = Field(0.0, description="Units of ``material`` consumed.")
     deadline: WallTime = Field(description="Bids arriving later are ignored (wall time).")
-    plant_job: int | None = Field(
-        None,
-        ge=0,
-        description="The plant's number for this production order, where the plant runs "
-        "numbered orders (the OPC UA twin does): a machine names it to the plant to start "
-        "the operation.",
-    )
+    plant_job: PlantJob = None
 
 
 class Bid(_Strict):
@@ -358,13 +356,7 @@ class Accept(MessageBase):
     machine: Token
     job: Token
     op: OpIndex
-    plant_job: int | None = Field(
-        None,
-        ge=0,
-        description="The plant's number for this production order, where the plant runs "
-        "numbered orders (the OPC UA twin does): a machine names it to the plant to start "
-        "the operation.",
-    )
+    plant_job: PlantJob = None
 
 
 class Reject(MessageBase):
@@ -607,13 +599,7 @@ class OrderSubmit(MessageBase):
     client_order_id: Token
     items: list[OrderItem] = Field(min_length=1)
     due_at: PlantTime
-    plant_job: int | None = Field(
-        None,
-        ge=0,
-        description="The plant's number for this order (one unit only), where the plant runs "
-        "numbered orders (the OPC UA twin does): a machine names it to the plant to start "
-        "the operation.",
-    )
+    plant_job: PlantJob = None
 
     @model_validator(mode="after")
     def _one_unit_per_plant_job(self) -> OrderSubmit:

@@ -38,13 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from asyncua import Client, ua
-from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from asyncua import Client
 
 from autofab.agents.protocol import MachineStatusName, Subjects, Telemetry
 from autofab.control.bus import Bus
 from autofab.control.opcua.nodemap import NodeMap, NodeMapError
-from autofab.control.opcua.security import ensure_client_files
+from autofab.control.opcua.security import secure_client
 
 __all__ = ["GatewayStats", "TelemetryGateway", "telemetry_from_values"]
 
@@ -192,14 +191,8 @@ class TelemetryGateway:
         self._changed = asyncio.Event()
 
     async def _connect(self) -> Client:
-        files = ensure_client_files(self.cert_dir, "gateway-client")
-        client = Client(self.nodemap.endpoint, timeout=self.timeout_s)
-        client.application_uri = "urn:autofab:gateway-client"
-        await client.set_security(
-            SecurityPolicyBasic256Sha256,
-            str(files.certificate),
-            str(files.private_key),
-            mode=ua.MessageSecurityMode.SignAndEncrypt,
+        client = await secure_client(
+            self.nodemap.endpoint, self.cert_dir, "gateway-client", timeout=self.timeout_s
         )
         await client.connect()
         return client

@@ -1047,6 +1047,31 @@ async def _negotiate(
     return outcome, negotiation
 
 
+#: ``--nats-url``, ``--user`` and ``--password`` of the commands that start agents: an
+#: existing NATS server instead of the embedded one (``autofab negotiate``, ``autofab run``).
+ServerUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--nats-url",
+        envvar="AUTOFAB_NATS_URL",
+        help="Use this NATS server (with JetStream) instead of starting one.",
+        show_default=False,
+    ),
+]
+ServerUserOption = Annotated[
+    str | None,
+    typer.Option("--user", envvar="AUTOFAB_NATS_USER", help="NATS user for --nats-url."),
+]
+ServerPasswordOption = Annotated[
+    str | None,
+    typer.Option(
+        "--password",
+        envvar="AUTOFAB_NATS_PASSWORD",
+        help="NATS password for --nats-url (prefer the environment variable).",
+    ),
+]
+
+
 def negotiate(
     config: Annotated[
         str,
@@ -1084,27 +1109,9 @@ def negotiate(
             "--breakdowns/--no-breakdowns", help="Break machines down by the plant's failure law."
         ),
     ] = True,
-    nats_url: Annotated[
-        str | None,
-        typer.Option(
-            "--nats-url",
-            envvar="AUTOFAB_NATS_URL",
-            help="Use this NATS server (with JetStream) instead of starting one.",
-            show_default=False,
-        ),
-    ] = None,
-    user: Annotated[
-        str | None,
-        typer.Option("--user", envvar="AUTOFAB_NATS_USER", help="NATS user for --nats-url."),
-    ] = None,
-    password: Annotated[
-        str | None,
-        typer.Option(
-            "--password",
-            envvar="AUTOFAB_NATS_PASSWORD",
-            help="NATS password for --nats-url (prefer the environment variable).",
-        ),
-    ] = None,
+    nats_url: ServerUrlOption = None,
+    user: ServerUserOption = None,
+    password: ServerPasswordOption = None,
     out: Annotated[
         Path | None,
         typer.Option(

@@ -66,6 +66,9 @@ from autofab.control.natsd import EmbeddedNats, NatsEndpoint, NatsServerError
 from autofab.control.negotiate_cmd import (
     PlannedOrder,
     RuntimeInfo,
+    ServerPasswordOption,
+    ServerUrlOption,
+    ServerUserOption,
     _hm,
     _quiet_logging,
     _sigint_sets,
@@ -172,20 +175,9 @@ class PlantReader:
 
     async def start(self) -> None:
         """Connect and read once (a clear error if the plant cannot be reached)."""
-        from asyncua import Client, ua
-        from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+        from autofab.control.opcua.security import secure_client
 
-        from autofab.control.opcua.security import ensure_client_files
-
-        files = ensure_client_files(self.cert_dir, "run-client")
-        client = Client(self.endpoint, timeout=4.0)
-        client.application_uri = "urn:autofab:run-client"
-        await client.set_security(
-            SecurityPolicyBasic256Sha256,
-            str(files.certificate),
-            str(files.private_key),
-            mode=ua.MessageSecurityMode.SignAndEncrypt,
-        )
+        client = await secure_client(self.endpoint, self.cert_dir, "run-client")
         try:
             await client.connect()
         except Exception as exc:
@@ -889,19 +881,9 @@ def run(
         str | None,
         typer.Option("--ray-address", help="Join this Ray cluster instead of a local Ray."),
     ] = None,
-    nats_url: Annotated[
-        str | None,
-        typer.Option(
-            "--nats-url", envvar="AUTOFAB_NATS_URL", help="Use this NATS server (JetStream)."
-        ),
-    ] = None,
-    user: Annotated[
-        str | None, typer.Option("--user", envvar="AUTOFAB_NATS_USER", help="NATS user.")
-    ] = None,
-    password: Annotated[
-        str | None,
-        typer.Option("--password", envvar="AUTOFAB_NATS_PASSWORD", help="NATS password."),
-    ] = None,
+    nats_url: ServerUrlOption = None,
+    user: ServerUserOption = None,
+    password: ServerPasswordOption = None,
     policy: Annotated[
         str | None,
         typer.Option(

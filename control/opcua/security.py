@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asyncua import ua
+from asyncua import Client, ua
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import (
     ADMIN_TYPES,
@@ -40,6 +40,7 @@ from asyncua.crypto.permission_rules import (
     User,
     UserRole,
 )
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.server.user_managers import UserManager
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -55,6 +56,7 @@ __all__ = [
     "default_cert_dir",
     "ensure_client_files",
     "ensure_server_files",
+    "secure_client",
 ]
 
 #: The one identity that may write setpoints and the watchdog heartbeat.
@@ -173,6 +175,24 @@ def ensure_client_files(cert_dir: Path, name: str = "supervisor-client") -> Clie
         _make_cert(cert, key, f"autofab {name}", f"urn:autofab:{name}", server=False)
     _check_private(key)
     return ClientFiles(cert, key)
+
+
+async def secure_client(
+    endpoint: str, cert_dir: Path, name: str, *, timeout: float = 4.0
+) -> Client:
+    """An asyncua client for ``endpoint`` on a Basic256Sha256 SignAndEncrypt channel, with
+    the client certificate ``name`` (made once in ``cert_dir``); not connected yet. Without
+    a login it is anonymous: it may read, never write."""
+    files = ensure_client_files(cert_dir, name)
+    client = Client(endpoint, timeout=timeout)
+    client.application_uri = f"urn:autofab:{name}"
+    await client.set_security(
+        SecurityPolicyBasic256Sha256,
+        str(files.certificate),
+        str(files.private_key),
+        mode=ua.MessageSecurityMode.SignAndEncrypt,
+    )
+    return client
 
 
 class TwinUserManager(UserManager):
