@@ -416,15 +416,17 @@ async def probe_plant(run: SupervisorRun, timeout: float) -> None:
 
 
 def status_line(stats: SupervisorStats, connected: bool) -> str:
-    """The live status: requests by outcome, heartbeats, and the plant link."""
+    """The live status: requests by outcome, heartbeats, the plant link, and audit records
+    that could not be stored (only when there are any: they need a person's attention)."""
     by_outcome = {"applied": 0, "clamped": 0, "rejected": 0}
     for (outcome, _reason), count in stats.decisions.items():
         by_outcome[outcome] = by_outcome.get(outcome, 0) + count
     link = "up" if connected else "DOWN (reconnecting)"
+    lost = f"; AUDIT RECORDS LOST: {stats.audit_failed}" if stats.audit_failed else ""
     return (
         f"requests: {by_outcome['applied']} applied, {by_outcome['clamped']} clamped, "
         f"{by_outcome['rejected']} rejected; heartbeats: {stats.heartbeats}; "
-        f"writes: {sum(stats.writes.values())}; link: {link}"
+        f"writes: {sum(stats.writes.values())}; link: {link}{lost}"
     )
 
 

@@ -14,25 +14,47 @@ as in a database's group commit), and runs
 :func:`~autofab.control.supervisor.decide_batch` on them in arrival order, so one OPC UA
 Write carries a burst of requests and the power cap sees them together.
 
+Deciding and writing are two tasks, a two-stage pipeline: while the write loop has one
+batch on the wire, the batch loop decides the next one, and then waits until the write loop
+has taken it before it decides another (so a burst is written batch by batch instead of
+the newest value superseding everything queued behind one slow write). Only while the
+plant is unreachable does the batch loop keep deciding, each newer value superseding the
+pending one. Writes never overlap: one ``write_values`` call at a time, in decision order.
+The intake pauses after every ``batch_max`` requests it queues (nats-py hands it all it
+holds before yielding), so the first batch of a burst is written while the rest is decoded.
+
 Latest value only, never stale
 ------------------------------
 What passes the checks goes into ``pending``, keyed by (machine, variable), holding only the
 newest value with its expiry: a newer decision for the same variable *supersedes* the
 older (audited as such), so nothing queues up. A flush writes every pending value still
-inside its TTL in one ``write_values`` call, reads them back in one ``read_values`` call,
-and audits each with its write status and read-back (``mismatch`` when they differ). While
-the OPC UA link is down the flush waits; when it comes back the supervisor first reads the
-plant's speeds and run switches into its state (the plant may have gone to its safe state,
-or been restarted), then writes only pending values that are still valid. Values that
-expired meanwhile are audited as ``expired_unwritten`` and never written. An emergency
-stop's writes have no expiry: they are written whenever the plant is reachable.
+inside its TTL in one ``write_values`` call, then reads back, in one ``read_values`` call,
+every variable written since the last read-back, and audits each value with its write
+status and read-back (``mismatch`` when they differ, or when the write was not Good).
+
+The read-back is coalesced: the write loop reads back once no new batch has come for
+``readback_idle_s`` (5 ms), or once the oldest value not read back has waited
+``readback_max_delay_s`` (0.25 s). So a burst of batches costs one read per 0.25 s instead
+of one per write (on the twin a read costs the plant half as much as a write of the same
+size, so reading after every write would cap a burst at two thirds of the plant's write
+rate), and a request that follows another closely is not kept waiting behind the read-back
+of the one before. A lone request is read back 5 ms after its write. A value
+written again before its read-back is audited without one (``read_back`` null,
+``mismatch`` only if its write was not Good): the plant no longer holds it, and the later
+record carries the read-back. So is a value whose read-back failed because the link was
+lost. While the OPC UA link is down the flush waits; when it comes back the supervisor
+first reads the plant's speeds and run switches into its state (the plant may have gone to
+its safe state, or been restarted), then writes only pending values that are still valid.
+Values that expired meanwhile are audited as ``expired_unwritten`` and never written. An
+emergency stop's writes have no expiry: they are written whenever the plant is reachable.
 
 Heartbeat and link
 ------------------
 Every ``heartbeat_interval_s`` (0.5 s; the twin's watchdog default is 5 s) the supervisor
 writes an incrementing ``watchdog_heartbeat`` (starting from the wall clock in
 milliseconds, so a restarted supervisor never repeats its predecessor's last value) and
-reads every machine's ``state`` into its interlocks (:func:`observe_status`). If it finds
+reads every machine's ``state`` into its interlocks (:func:`observe_status`), 32 machines
+a read, so a setpoint write waits behind one short read at most. If it finds
 the plant's ``watchdog_alarm`` set before its beat (the heartbeat had stalled), it reads
 the plant's latched safe setpoints back into its state, as after a reconnect. This also
 probes the link: any exception from the writer marks it lost, and the link loop reconnects
@@ -43,10 +65,22 @@ Audit
 Every decision becomes an :class:`AuditRecord` on the JetStream stream
 :func:`audit_stream_name` (``AUTOFAB_<PLANT>_AUDIT``), subject
 ``autofab.<plant>.audit.setpoint`` for requests and ``...audit.operator`` for operator
-commands. Records are published by their own task with JetStream acknowledgements, so a
-slow or absent NATS never delays a plant write; a record that cannot be stored is counted
+commands. Records travel in :class:`AuditBatch` messages: everything audited since the
+last publish, in decision order, at most 128 records (and 64 KiB) a message::
+
+    {"schema": 1, "type": "supervisor_audit", "kind": "setpoint",
+     "records": [{"kind": "setpoint", "request_id": "r1", "machine": "mill-1",
+                  "variable": "speed_setpoint", "origin": "agent-1", "requested": 0.9,
+                  "outcome": "applied", "value": 0.9, "reason": "ok",
+                  "detail": "speed_setpoint = 0.9", "decided_at": 1764000000.0,
+                  "write_status": "written", "read_back": 0.9, "mismatch": false}, ...]}
+
+Read one with ``decode(subject, data, AuditBatch)``. Batches are published by their own
+task, each awaiting its JetStream acknowledgement, so a slow or absent NATS never delays a
+plant write; every record of a batch that cannot be stored is counted
 (``stats.audit_failed``) and logged. The last records are also kept in memory
-(:attr:`SupervisorRuntime.audit_log`).
+(:attr:`SupervisorRuntime.audit_log`), and :meth:`SupervisorRuntime.wait_audit_stored`
+waits until everything audited so far has been acknowledged or counted as failed.
 
 Operator commands and their authentication
 -------------------------------------------
@@ -80,8 +114,10 @@ from typing import Any, Final, Literal, Self
 
 import nats.errors
 import nats.js.errors
+from asyncua import ua
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from pydantic import Field, ValidationError
 
 from autofab.agents.protocol import (
     MessageBase,
@@ -98,6 +134,7 @@ from autofab.control.natsd import NatsEndpoint
 from autofab.control.opcua.nodemap import NodeMap
 from autofab.control.opcua.writer import PlantCredentials, PlantWriter
 from autofab.control.supervisor import (
+    STATUS_CODES,
     Applied,
     Decision,
     SetpointValue,
@@ -113,6 +150,7 @@ from autofab.control.supervisor import (
 )
 
 __all__ = [
+    "AuditBatch",
     "AuditRecord",
     "OperatorCommand",
     "OperatorReply",
@@ -133,6 +171,11 @@ OperatorAction = Literal["override_hold", "override_release", "estop_engage", "e
 #: What became of an applied or clamped value on its way to the plant.
 WriteStatus = Literal["written", "superseded", "expired_unwritten"]
 _QUEUE_MAX: Final = 10_000
+#: Most audit records in one JetStream message (about 40 KiB of typical records; a batch
+#: over the protocol's 64 KiB limit is split further).
+_AUDIT_CHUNK: Final = 128
+#: Machines whose ``state`` one heartbeat read asks for.
+_STATUS_READ_CHUNK: Final = 32
 
 
 # --- names ------------------------------------------------------------------------------
@@ -211,15 +254,21 @@ class OperatorReply(MessageBase):
     overrides: dict[str, str]
 
 
-class AuditRecord(MessageBase):
-    """One decision of the supervisor, as stored on the audit stream.
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One decision of the supervisor, as kept in memory and stored (in an
+    :class:`AuditBatch`) on the audit stream.
 
     For a setpoint: the request, the outcome and reason of the checks, the value written
-    (``None`` when rejected), the OPC UA write status and the read-back. For an operator
-    command: ``variable`` is the action and ``origin`` the operator.
+    (``None`` when rejected), the OPC UA write status (``written``, the plant's refusal such
+    as ``BadOutOfRange``, ``superseded`` or ``expired_unwritten``) and the read-back
+    (``None`` when the value was not read back; the module docstring says when). For an
+    operator command: ``variable`` is the action and ``origin`` the operator.
+
+    A dataclass, not a pydantic model: one is made per request on the hot path, and
+    :class:`AuditBatch` validates and serialises them in pydantic-core.
     """
 
-    type: Literal["supervisor_audit"] = "supervisor_audit"
     kind: Literal["setpoint", "operator"]
     request_id: str
     machine: str | None
@@ -234,6 +283,15 @@ class AuditRecord(MessageBase):
     write_status: str | None = None
     read_back: float | bool | str | None = None
     mismatch: bool = False
+
+
+class AuditBatch(MessageBase):
+    """Audit records of one kind, in decision order: one JetStream message on
+    :func:`audit_subject` (the module docstring shows one)."""
+
+    type: Literal["supervisor_audit"] = "supervisor_audit"
+    kind: Literal["setpoint", "operator"]
+    records: list[AuditRecord] = Field(min_length=1)
 
 
 def _jsonable(value: object) -> float | bool | str | None:
@@ -260,14 +318,20 @@ class SupervisorSettings:
     reconnect_max_s: float = 5.0
     #: Read-back of a float counts as equal within this (a Float node rounds a Double).
     readback_tolerance: float = 1e-5
+    #: The write loop reads back what it wrote once no new batch has come for this long, or
+    #: once the oldest value has waited ``readback_max_delay_s``; 0 and 0 read back after
+    #: every write.
+    readback_idle_s: float = 0.005
+    readback_max_delay_s: float = 0.25
     audit_keep: int = 1000
 
     def __post_init__(self) -> None:
-        for key in ("batch_window_s", "heartbeat_interval_s", "reconnect_min_s"):
+        may_be_zero = ("batch_window_s", "readback_idle_s", "readback_max_delay_s")
+        for key in (*may_be_zero, "heartbeat_interval_s", "reconnect_min_s"):
             value = getattr(self, key)
-            low_ok = value >= 0 if key == "batch_window_s" else value > 0
+            low_ok = value >= 0 if key in may_be_zero else value > 0
             if not (math.isfinite(value) and low_ok):
-                least = ">= 0" if key == "batch_window_s" else "> 0"
+                least = ">= 0" if key in may_be_zero else "> 0"
                 raise ValueError(
                     f"SupervisorSettings.{key}: expected seconds {least}, got {value!r}"
                 )
@@ -287,18 +351,21 @@ class SupervisorStats:
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
     writes: Counter[str] = field(default_factory=Counter)
     write_batches: int = 0
+    #: ``read_values`` calls that read written values back (coalesced over write batches).
+    read_backs: int = 0
     mismatches: int = 0
     heartbeats: int = 0
     #: Heartbeat ticks that found the plant's watchdog alarm set (it had gone safe).
     watchdog_alarms: int = 0
     connects: int = 0
     link_losses: int = 0
+    #: Audit records stored (acknowledged by JetStream) and lost.
     audit_published: int = 0
     audit_failed: int = 0
     operator_commands: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Pending:
     """The newest value for one machine variable, waiting to be written."""
 
@@ -306,6 +373,19 @@ class _Pending:
     expires_at: float
     decision: Decision
     decided_at: float
+    #: The OPC UA write, built when decided, for connection ``generation`` of the writer.
+    prepared: ua.WriteValue | None = None
+    generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A value the plant answered a write for, waiting for its read-back."""
+
+    item: _Pending
+    #: The write's status name (``Good``, ``BadOutOfRange``, ...).
+    status: str
+    good: bool
 
 
 # --- the runtime --------------------------------------------------------------------------
@@ -353,7 +433,17 @@ class SupervisorRuntime:
         self.heartbeat_enabled = True
         self._token = operator_token
         self._queue: asyncio.Queue[SetpointRequest] = asyncio.Queue(_QUEUE_MAX)
-        self._audit_queue: asyncio.Queue[AuditRecord] = asyncio.Queue(_QUEUE_MAX)
+        self._taken_in = 0  # requests queued since intake last let the batch loop run
+        #: Written values by variable, oldest write first, waiting for their read-back.
+        self._unverified: dict[tuple[str, str], _Written] = {}
+        self._unverified_since = 0.0
+        #: Set when there is something for the write loop; when it has taken ``pending``.
+        self._work = asyncio.Event()
+        self._taken = asyncio.Event()
+        self._audit_buffer: list[AuditRecord] = []
+        self._audit_wake = asyncio.Event()
+        self._audit_idle = asyncio.Event()
+        self._audit_idle.set()
         self._io = asyncio.Lock()
         self._up = asyncio.Event()
         self._lost = asyncio.Event()
@@ -398,26 +488,36 @@ class SupervisorRuntime:
             (self._link_loop(), "link"),
             (self._batch_loop(), "batch"),
             (self._heartbeat_loop(), "heartbeat"),
+            (self._write_loop(), "write"),
             (self._audit_loop(), "audit"),
         ):
             self._tasks.append(asyncio.create_task(coro, name=f"supervisor-{name}"))
 
     async def stop(self) -> None:
-        """Stop the loops, publish the audit records still queued, and disconnect."""
-        for task in self._tasks[:3]:
-            task.cancel()
-        for task in self._tasks[:3]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if len(self._tasks) > 3:
+        """Stop the loops, read back what was written, publish the audit records still
+        queued, and disconnect."""
+        if self._tasks:
+            await _cancel(self._tasks[:3])  # link, batch, heartbeat
+            async with self._io:  # no write in flight: the write loop waits for work or the lock
+                await _cancel(self._tasks[3:4])
+                if self._unverified and self._up.is_set():
+                    try:
+                        await asyncio.wait_for(self._read_back(), self.writer.timeout_s)
+                    except Exception as error:  # a timeout too: audited without a read-back
+                        log.info("plant %s: no read-back at stop: %r", self.plant, error)
+                self._finish_unread()
+            await asyncio.sleep(0)  # records audited by callbacks already scheduled
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._audit_queue.join(), 2.0)
-            self._tasks[3].cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tasks[3]
-        self._tasks.clear()
+                await self.wait_audit_stored(2.0)
+            await _cancel(self._tasks[4:])
+            self._tasks.clear()
         await self.writer.disconnect()
         await self.bus.close()
+
+    async def wait_audit_stored(self, timeout: float) -> None:
+        """Wait until every record audited so far is stored on the audit stream or counted
+        in ``stats.audit_failed`` (TimeoutError after ``timeout``)."""
+        await asyncio.wait_for(self._audit_idle.wait(), timeout)
 
     @property
     def connected(self) -> bool:
@@ -436,6 +536,7 @@ class SupervisorRuntime:
             log.warning("plant %s: OPC UA link lost (%r); reconnecting", self.plant, error)
         self._up.clear()
         self._lost.set()
+        self._taken.set()  # the batch loop decides on, superseding, while the plant is away
 
     async def _link_loop(self) -> None:
         delay = self.settings.reconnect_min_s
@@ -489,6 +590,7 @@ class SupervisorRuntime:
     async def _heartbeat_loop(self) -> None:
         machines = list(self.limits.machines)
         state_targets = [(m, "state") for m in machines]
+        chunk = _STATUS_READ_CHUNK
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             if not self._up.is_set() or not self.heartbeat_enabled:
@@ -497,19 +599,26 @@ class SupervisorRuntime:
                 async with self._io:
                     (alarm,) = await self.writer.read_plant(["watchdog_alarm"])
                     await self._send_heartbeat()
-                    codes = await self.writer.read(state_targets)
                     if alarm:
                         # The plant went to its safe state (latched) while we were quiet:
                         # what it holds now, not what we last wrote, is the truth.
                         self.stats.watchdog_alarms += 1
                         log.warning("plant %s: watchdog alarm seen; resynchronising", self.plant)
                         await self._sync_from_plant()
+                codes: list[Any] = []
+                for at in range(0, len(state_targets), chunk):
+                    # A few machines a call, so a setpoint waits for one short read at most.
+                    async with self._io:
+                        codes += await self.writer.read(state_targets[at : at + chunk])
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 self._link_lost(error)
                 continue
             for machine, code in zip(machines, codes, strict=True):
+                known = STATUS_CODES.get(code) if isinstance(code, int) else None
+                if known is not None and known == self.state.status.get(machine):
+                    continue  # unchanged: skip copying the status map
                 try:
                     self.state = observe_status(self.state, machine, int(code))
                 except (TypeError, ValueError) as error:
@@ -537,39 +646,79 @@ class SupervisorRuntime:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
             self._audit(_decision_record(_rejected(request, "stale", "intake overloaded"), now))
+            return
+        self._taken_in += 1
+        if self._taken_in >= self.settings.batch_max:
+            # nats-py hands this callback every message it holds before it yields: pause
+            # once a batch is queued, so a burst's first write is not held up by the rest.
+            self._taken_in = 0
+            await asyncio.sleep(0)
+
+    async def _next_batch(self) -> list[SetpointRequest]:
+        """Everything queued (up to ``batch_max``), waiting for the first request and then
+        at most ``batch_window_s`` for more."""
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.settings.batch_window_s
+        while len(batch) < self.settings.batch_max:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                break
+        return batch
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.settings.batch_window_s
-            while len(batch) < self.settings.batch_max:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
+            self._decide(await self._next_batch())
+            self._work.set()
+            # One batch decided ahead of the write in flight, no more (module docstring).
+            while self.pending and self._up.is_set():
+                self._taken.clear()
+                await self._taken.wait()
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        while True:
+            if self._unverified and self._up.is_set() and not self._work.is_set():
+                # Read back once no batch has come for a moment, or the oldest has waited.
+                left = self._unverified_since + settings.readback_max_delay_s - loop.time()
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                    await asyncio.wait_for(
+                        self._work.wait(), max(0.0, min(settings.readback_idle_s, left))
+                    )
                 except TimeoutError:
-                    break
-            await self.process(batch)
+                    await self._flush()
+                    continue
+            await self._work.wait()
+            self._work.clear()
+            await self._flush(defer_read_back=True)
 
     async def process(self, batch: list[SetpointRequest]) -> list[Decision]:
         """Decide ``batch``, queue what passed as the latest value per variable, and flush.
 
         Public so a caller with requests in hand (a test, a replay) can skip NATS.
         """
+        decisions = self._decide(batch)
+        await self._flush()
+        return decisions
+
+    def _decide(self, batch: list[SetpointRequest]) -> list[Decision]:
         now = self.wall()
         decisions, self.state = decide_batch(self.state, batch, now, self.limits)
+        counts = self.stats.decisions
         for decision, request in zip(decisions, batch, strict=True):
-            self.stats.decisions[(decision.outcome, decision.reason)] += 1
+            counts[(decision.outcome, decision.reason)] += 1
             if decision.outcome == "rejected" or decision.value is None:
                 self._audit(_decision_record(decision, now))
-                continue
-            self._queue_write(decision, request.expires_at, now)
-        await self._flush()
+            else:
+                self._queue_write(decision, request.expires_at, now)
         return decisions
 
     def _queue_write(self, decision: Decision, expires_at: float, now: float) -> None:
@@ -578,65 +727,127 @@ class SupervisorRuntime:
         old = self.pending.get(key)
         if old is not None:
             self._audit(_decision_record(old.decision, old.decided_at, "superseded"))
-        self.pending[key] = _Pending(decision.value, expires_at, decision, now)
+        writer, prepared = self.writer, None
+        if self._up.is_set():
+            with contextlib.suppress(Exception):  # the flush prepares it again
+                prepared = writer.prepare(key, decision.value)
+        self.pending[key] = _Pending(
+            decision.value, expires_at, decision, now, prepared, writer.generation
+        )
 
-    async def _flush(self) -> None:
-        """Write every still-valid pending value in one call, read back, audit."""
-        if not self._up.is_set() or not self.pending:
+    async def _flush(self, *, defer_read_back: bool = False) -> None:
+        """Write every still-valid pending value in one call, read back every written value
+        (with ``defer_read_back``, only if the oldest has waited ``readback_max_delay_s``),
+        and audit."""
+        if not self._up.is_set() or not (self.pending or self._unverified):
             return
         async with self._io:
             if not self._up.is_set():
                 return
+            taken, self.pending = self.pending, {}
+            self._taken.set()
             now = self.wall()
             batch: list[tuple[tuple[str, str], _Pending]] = []
-            for key, item in list(self.pending.items()):
-                del self.pending[key]
+            for key, item in taken.items():
                 if item.expires_at < now:
                     self._audit(
                         _decision_record(item.decision, item.decided_at, "expired_unwritten")
                     )
                 else:
                     batch.append((key, item))
-            if not batch:
-                return
-            targets = [key for key, _ in batch]
-            try:
-                codes = await self.writer.write(targets, [item.value for _, item in batch])
-                read_back = await self.writer.read(targets)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                for key, item in batch:  # unknown whether it landed: keep unless superseded
-                    self.pending.setdefault(key, item)
-                self._link_lost(error)
-                return
-        self.stats.write_batches += 1
-        for (_, item), code, back in zip(batch, codes, read_back, strict=True):
-            self.stats.writes[code.name] += 1
-            mismatch = not code.is_good() or not _same(
-                item.value, back, self.settings.readback_tolerance
+            if batch:
+                try:
+                    codes = await self.writer.write_prepared([self._prepared(b) for b in batch])
+                except asyncio.CancelledError:
+                    self._put_back(batch)
+                    raise
+                except Exception as error:
+                    self._put_back(batch)  # unknown whether it landed: write again
+                    self._link_lost(error)
+                    return
+                self.stats.write_batches += 1
+                loop = asyncio.get_running_loop()
+                if not self._unverified:
+                    self._unverified_since = loop.time()
+                overwritten: list[_Written] = []
+                for (key, item), code in zip(batch, codes, strict=True):
+                    good = code.is_good()
+                    older = self._unverified.pop(key, None)
+                    if older is not None:  # written again before its read-back
+                        overwritten.append(older)
+                    self._unverified[key] = _Written(item, "written" if good else code.name, good)
+                if overwritten:
+                    # Audited while the next write is on the wire, not before it is sent.
+                    loop.call_soon(self._finish_unread, overwritten)
+            waited = asyncio.get_running_loop().time() - self._unverified_since
+            if self._unverified and (
+                not defer_read_back or waited >= self.settings.readback_max_delay_s
+            ):
+                try:
+                    await self._read_back()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    self._finish_unread()
+                    self._link_lost(error)
+
+    def _prepared(self, entry: tuple[tuple[str, str], _Pending]) -> ua.WriteValue:
+        key, item = entry
+        if item.prepared is not None and item.generation == self.writer.generation:
+            return item.prepared
+        return self.writer.prepare(key, item.value)
+
+    def _put_back(self, batch: list[tuple[tuple[str, str], _Pending]]) -> None:
+        """Return a batch whose write failed to ``pending``, unless decided again since."""
+        for key, item in batch:
+            if key in self.pending:
+                self._audit(_decision_record(item.decision, item.decided_at, "superseded"))
+            else:
+                self.pending[key] = item
+
+    async def _read_back(self) -> None:
+        """Read every unverified variable in one call and audit each written value."""
+        items = list(self._unverified.items())
+        values = await self.writer.read([key for key, _ in items])
+        self.stats.read_backs += 1
+        self._unverified.clear()
+        for (_, written), back in zip(items, values, strict=True):
+            self._finish(written, back, read=True)
+
+    def _finish_unread(self, items: list[_Written] | None = None) -> None:
+        """Audit ``items`` (default: every written value still waiting for a read-back)
+        without a read-back."""
+        if items is None:
+            items, self._unverified = list(self._unverified.values()), {}
+        for written in items:
+            self._finish(written, None, read=False)
+
+    def _finish(self, written: _Written, back: object, *, read: bool) -> None:
+        item = written.item
+        self.stats.writes["Good" if written.good else written.status] += 1
+        mismatch = not written.good or (
+            read and not _same(item.value, back, self.settings.readback_tolerance)
+        )
+        if mismatch:
+            self.stats.mismatches += 1
+            log.warning(
+                "plant %s: %s.%s wrote %r (%s), read back %r",
+                self.plant,
+                item.decision.machine,
+                item.decision.variable,
+                item.value,
+                written.status,
+                back if read else "nothing",
             )
-            if mismatch:
-                self.stats.mismatches += 1
-                log.warning(
-                    "plant %s: %s.%s wrote %r (%s), read back %r",
-                    self.plant,
-                    item.decision.machine,
-                    item.decision.variable,
-                    item.value,
-                    code.name,
-                    back,
-                )
-            record = _decision_record(item.decision, item.decided_at, "written")
-            self._audit(
-                record.model_copy(
-                    update={
-                        "write_status": code.name if not code.is_good() else "written",
-                        "read_back": _jsonable(back),
-                        "mismatch": mismatch,
-                    }
-                )
+        self._audit(
+            _decision_record(
+                item.decision,
+                item.decided_at,
+                written.status,
+                read_back=_jsonable(back),
+                mismatch=mismatch,
             )
+        )
 
     # -- operator commands ---------------------------------------------------------------
 
@@ -729,10 +940,12 @@ class SupervisorRuntime:
 
     def _audit(self, record: AuditRecord) -> None:
         self.audit_log.append(record)
-        try:
-            self._audit_queue.put_nowait(record)
-        except asyncio.QueueFull:
+        if len(self._audit_buffer) >= _QUEUE_MAX:
             self.stats.audit_failed += 1
+            return
+        self._audit_buffer.append(record)
+        self._audit_idle.clear()
+        self._audit_wake.set()
 
     def _audit_refused(self, data: bytes, reason: str, detail: str, now: float) -> None:
         """Audit a message that never became a request (it did not decode)."""
@@ -764,23 +977,48 @@ class SupervisorRuntime:
 
     async def _audit_loop(self) -> None:
         while True:
-            record = await self._audit_queue.get()
-            try:
-                js = self.bus.client.jetstream()
-                await js.publish(
-                    audit_subject(self.plant, record.kind),
-                    encode(record),
-                    stream=audit_stream_name(self.plant),
-                    timeout=2.0,
-                )
-                self.stats.audit_published += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                self.stats.audit_failed += 1
-                log.warning("plant %s: audit record not stored: %r", self.plant, error)
-            finally:
-                self._audit_queue.task_done()
+            await self._audit_wake.wait()
+            self._audit_wake.clear()
+            while self._audit_buffer:
+                records, self._audit_buffer = self._audit_buffer, []
+                for kind in ("setpoint", "operator"):
+                    mine = [r for r in records if r.kind == kind]
+                    for at in range(0, len(mine), _AUDIT_CHUNK):
+                        await self._store(kind, mine[at : at + _AUDIT_CHUNK])
+            self._audit_idle.set()
+
+    async def _store(
+        self, kind: Literal["setpoint", "operator"], records: list[AuditRecord]
+    ) -> None:
+        """Publish ``records`` as one :class:`AuditBatch` and await its acknowledgement (two,
+        if it is too large for one message)."""
+        try:
+            data = encode(AuditBatch(kind=kind, records=records))
+        except (ProtocolError, ValidationError) as error:
+            if len(records) > 1:  # too large, or one bad record: store the others
+                half = len(records) // 2
+                await self._store(kind, records[:half])
+                await self._store(kind, records[half:])
+                return
+            self.stats.audit_failed += 1
+            log.error("plant %s: audit record not stored: %s: %r", self.plant, error, records[0])
+            return
+        try:
+            js = self.bus.client.jetstream()
+            await js.publish(
+                audit_subject(self.plant, kind),
+                data,
+                stream=audit_stream_name(self.plant),
+                timeout=2.0,
+            )
+            self.stats.audit_published += len(records)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.stats.audit_failed += len(records)
+            log.warning(
+                "plant %s: %d audit records not stored: %r", self.plant, len(records), error
+            )
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -794,23 +1032,38 @@ def _rejected(request: SetpointRequest, reason: Any, detail: str) -> Decision:
 
 
 def _decision_record(
-    decision: Decision, decided_at: float, write_status: WriteStatus | None = None
+    decision: Decision,
+    decided_at: float,
+    write_status: WriteStatus | str | None = None,
+    *,
+    read_back: float | bool | str | None = None,
+    mismatch: bool = False,
 ) -> AuditRecord:
     value = decision.value
     return AuditRecord(
-        kind="setpoint",
-        request_id=decision.request_id,
-        machine=decision.machine,
-        variable=decision.variable,
-        origin=decision.origin,
-        requested=_jsonable(decision.requested),
-        outcome=decision.outcome,
-        value=value if isinstance(value, bool) or value is None else float(value),
-        reason=decision.reason,
-        detail=decision.detail[:500],
-        decided_at=decided_at,
-        write_status=write_status,
+        "setpoint",
+        decision.request_id,
+        decision.machine,
+        decision.variable,
+        decision.origin,
+        _jsonable(decision.requested),
+        decision.outcome,
+        value if isinstance(value, bool) or value is None else float(value),
+        decision.reason,
+        decision.detail[:500],
+        decided_at,
+        write_status,
+        read_back,
+        mismatch,
     )
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _same(written: SetpointValue, back: object, tolerance: float) -> bool:

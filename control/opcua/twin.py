@@ -676,16 +676,12 @@ class PlantTwin:
                     ]
                     mirrors.append((b, m))
         stamp = datetime.now(UTC)
-        published = self._published
-        for key, value, vtype in values:
-            if published.get(key, _UNSET) == value:
-                continue  # unchanged: no write, no data-change notification
-            published[key] = value
-            await self._set(key, ua.Variant(value, vtype), stamp)
-        # Setpoint mirrors: a client's write sets the model and the node together, so a node
-        # only needs writing when the twin itself changed the value (safe state, finished
-        # maintenance). Each value is read from the model right before its own write, never
-        # from the snapshot above, so a write that arrived during this scan is not undone.
+        # Setpoint mirrors first: a client's write sets the model and the node together, so
+        # a node only needs writing when the twin itself changed the value (safe state,
+        # finished maintenance). They go before the telemetry, so a reader that sees the
+        # watchdog alarm also sees the safe state it caused. Each value is read from the
+        # model right before its own write, so a write that arrived during this scan is not
+        # undone.
         for b, m in mirrors:
             for name, current, vtype in (
                 ("speed_setpoint", lambda m=m: float(model.speed[m]), dbl),
@@ -701,6 +697,12 @@ class PlantTwin:
                 if self._mirror.get(key, _UNSET) != value:
                     self._mirror[key] = value
                     await self._set(key, ua.Variant(value, vtype), stamp)
+        published = self._published
+        for key, value, vtype in values:
+            if published.get(key, _UNSET) == value:
+                continue  # unchanged: no write, no data-change notification
+            published[key] = value
+            await self._set(key, ua.Variant(value, vtype), stamp)
 
     async def _set(self, key: str, variant: ua.Variant, stamp: datetime) -> None:
         """Store a value as the server (no client checks), with its timestamps."""

@@ -13,6 +13,10 @@ writable node's DataType once per connection and converts values to it (a speed 
 ``Float`` where the plant says ``Float``); a write with the wrong variant type would be
 refused with ``BadTypeMismatch``.
 
+Reads ask for no timestamps (``TimestampsToReturn.Neither``): the runtime compares values
+only, and a timestamp is two more fields per value for the plant to encode and for us to
+decode. Node ids are resolved once per connection.
+
 The writer knows nothing of requests, limits or retries. A lost link surfaces as an
 exception from :meth:`write`, :meth:`read` or :meth:`heartbeat`; the runtime
 (:mod:`autofab.control.supervisor_runtime`) decides what to do about it.
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asyncua import Client, Node, ua
+from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from autofab.control.opcua.nodemap import NodeMap
@@ -107,6 +111,9 @@ class PlantWriter:
         self.timeout_s = timeout_s
         self._client: Client | None = None
         self._types: dict[ua.NodeId, ua.VariantType] = {}
+        self._ids: dict[Target, ua.NodeId] = {}
+        #: Counts connections: a write prepared on an earlier one must be prepared again.
+        self.generation = 0
 
     @property
     def connected(self) -> bool:
@@ -137,6 +144,7 @@ class PlantWriter:
                 await client.disconnect()
             raise
         self._client = client
+        self.generation += 1
 
     async def disconnect(self) -> None:
         """Close the session if there is one; errors of a dead link are ignored."""
@@ -150,9 +158,12 @@ class PlantWriter:
         for machine in self.nodemap.machines:
             for variable in ("speed_setpoint", "run", "maintenance_request"):
                 ids.append(self.nodemap.node_id(machine, variable))
+            if "start_job" in self.nodemap.machines[machine].nodes:
+                ids.append(self.nodemap.node_id(machine, "start_job"))
         nodes = [client.get_node(i) for i in ids]
         results = await client.read_attributes(nodes, attr=ua.AttributeIds.DataType)
         self._types.clear()
+        self._ids.clear()
         for node, res in zip(nodes, results, strict=True):
             dtype = res.Value.Value if res.Value is not None else None
             if (
@@ -180,8 +191,21 @@ class PlantWriter:
             value = int(value)
         return ua.DataValue(ua.Variant(value, vtype))
 
-    def _nodes(self, client: Client, targets: Sequence[Target]) -> list[Node]:
-        return [client.get_node(self.nodemap.node_id(m, v)) for m, v in targets]
+    def _node_id(self, target: Target) -> ua.NodeId:
+        node_id = self._ids.get(target)
+        if node_id is None:
+            node_id = ua.NodeId.from_string(self.nodemap.node_id(*target))
+            self._ids[target] = node_id
+        return node_id
+
+    def prepare(self, target: Target, value: float | bool) -> ua.WriteValue:
+        """The write of ``value`` to ``target``, typed for this connection's plant (see
+        :attr:`generation`); building it ahead keeps it off the time a write waits."""
+        self._session()
+        node_id = self._node_id(target)
+        return ua.WriteValue(
+            NodeId=node_id, AttributeId=ua.AttributeIds.Value, Value=self._variant(node_id, value)
+        )
 
     async def write(
         self, targets: Sequence[Target], values: Sequence[float | bool]
@@ -191,21 +215,36 @@ class PlantWriter:
         A refused value (``BadOutOfRange``, ``BadInvalidState``) is a status, not an
         exception; an exception means the link.
         """
+        return await self.write_prepared(
+            [self.prepare(t, v) for t, v in zip(targets, values, strict=True)]
+        )
+
+    async def write_prepared(self, writes: Sequence[ua.WriteValue]) -> list[ua.StatusCode]:
+        """:meth:`write` of writes from :meth:`prepare` on this connection."""
         client = self._session()
-        nodes = self._nodes(client, targets)
-        data = [self._variant(n.nodeid, v) for n, v in zip(nodes, values, strict=True)]
-        return await client.write_values(nodes, data, raise_on_partial_error=False)
+        params = ua.WriteParameters()
+        params.NodesToWrite.extend(writes)
+        return await client.uaclient.write(params)
 
     async def read(self, targets: Sequence[Target]) -> list[Any]:
-        """Read the current values of ``targets`` in one OPC UA Read call."""
+        """Read the current values of ``targets`` in one OPC UA Read call (``None`` for a
+        value the plant could not read)."""
+        return await self._read_values([self._node_id(t) for t in targets])
+
+    async def _read_values(self, node_ids: Sequence[ua.NodeId]) -> list[Any]:
         client = self._session()
-        return await client.read_values(self._nodes(client, targets))
+        params = ua.ReadParameters(TimestampsToReturn=ua.TimestampsToReturn.Neither)
+        for node_id in node_ids:
+            params.NodesToRead.append(
+                ua.ReadValueId(NodeId=node_id, AttributeId=ua.AttributeIds.Value)
+            )
+        results = await client.uaclient.read(params)
+        return [r.Value.Value if r.Value is not None else None for r in results]
 
     async def read_plant(self, variables: Sequence[str]) -> list[Any]:
         """Read plant-wide variables (``watchdog_alarm``, ``plant_time``) in one call."""
-        client = self._session()
-        return await client.read_values(
-            [client.get_node(self.nodemap.plant_node_id(v)) for v in variables]
+        return await self._read_values(
+            [ua.NodeId.from_string(self.nodemap.plant_node_id(v)) for v in variables]
         )
 
     async def heartbeat(self, value: int) -> ua.StatusCode:

@@ -4,6 +4,7 @@ over arbitrary sequences of requests, operator actions and machine status change
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from autofab.agents.protocol import SetpointRequest
 from autofab.control.supervisor import (
     BOOLEAN_VARIABLES,
     VARIABLES,
+    Applied,
     Decision,
     Mode,
     SupervisorConfigError,
@@ -316,6 +318,99 @@ def test_batch_sees_earlier_decisions_and_keeps_order() -> None:
     assert predicted_power_kw(state, limits) <= 29.0
 
 
+def many_machines(count: int, cap_kw: float, cap_mode: Mode) -> SupervisorLimits:
+    machines = {f"m{i}": {**MACHINE, "load_kw": 8.0 + i % 7 * 0.37} for i in range(count)}
+    return SupervisorLimits.validate_config(
+        {
+            "machines": machines,
+            "speed_setpoint": {"max_rate_per_second": 10.0},
+            "power_cap": {"mode": cap_mode, "peak_cap_kw": cap_kw, "base_load_kw": 0.3},
+        }
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    count=st.sampled_from([3, 70, 300]),
+    # Where the cap sits relative to the power at start: far off, or a hair either side.
+    headroom=st.one_of(
+        st.floats(-5.0, 5.0), st.sampled_from([0.0, 1e-13, -1e-13, 1e-9, 1e-15]), st.just(1e9)
+    ),
+    cap_mode=st.sampled_from(["clamp", "reject"]),
+    script=st.lists(
+        st.tuples(st.integers(0, 299), st.sampled_from(VARIABLES), st.floats(0.0, 1.4)),
+        min_size=1,
+        max_size=700,
+    ),
+)
+def test_a_batch_decides_exactly_as_one_request_at_a_time(
+    count: int, headroom: float, cap_mode: Mode, script: list[tuple[int, str, float]]
+) -> None:
+    """decide_batch keeps a running power estimate instead of summing every machine per
+    request; near the cap it must fall back to the exact sums, so its decisions and final
+    state are those of :func:`decide` called request by request."""
+    speeds = {f"m{i}": 0.6 + (i * 0.618034) % 0.7 for i in range(count)}
+    probe = many_machines(count, 1e9, cap_mode)
+    start = initial_state(probe, T0, speeds=speeds)
+    limits = many_machines(count, predicted_power_kw(start, probe) + headroom, cap_mode)
+    requests = [
+        req(
+            value if variable == "speed_setpoint" else float(value > 0.7),
+            machine=f"m{i % count}",
+            variable=variable,
+            at=T0 + 1,
+            request_id=f"r{n}",
+        )
+        for n, (i, variable, value) in enumerate(script)
+    ]
+    now = T0 + 2
+    batch_decisions, batch_state = decide_batch(start, requests, now, limits)
+    state = start
+    for request, from_batch in zip(requests, batch_decisions, strict=True):
+        decision, state = decide(state, request, now, limits)
+        assert decision == from_batch
+    assert dict(batch_state.applied) == dict(state.applied)
+    assert predicted_power_kw(batch_state, limits) <= max(
+        limits.power_cap.peak_cap_kw, predicted_power_kw(start, limits)
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    count=st.sampled_from([70, 300]),
+    steps=st.lists(st.floats(1e-6, 1e-3), min_size=2, max_size=300),
+    at=st.floats(0.0, 1.0),
+)
+def test_the_power_estimate_never_lets_a_raise_past_the_cap(
+    count: int, steps: list[float], at: float
+) -> None:
+    """A cap one rounding unit below the plant's power after the k-th of many small speed
+    raises (each on another machine): the k-th must be clamped, whatever the running
+    estimate's rounding says, and no decision may end above the cap by the exact sum."""
+    speeds = {f"m{i}": 0.6 + (i * 0.618034) % 0.1 for i in range(count)}
+    unlimited = many_machines(count, 1e9, "clamp")
+    start = initial_state(unlimited, T0, speeds=speeds)
+    requests = [
+        req(speeds[f"m{n}"] + step, machine=f"m{n}", at=T0 + 1, request_id=f"r{n}")
+        for n, step in enumerate(steps[:count])
+    ]
+    k = min(len(requests) - 1, int(at * len(requests)))
+    decisions, state = decide_batch(start, requests[: k + 1], T0 + 2, unlimited)
+    assert all(d.outcome == "applied" for d in decisions)
+    cap = math.nextafter(predicted_power_kw(state, unlimited), 0.0)
+    limits = many_machines(count, cap, "clamp")
+
+    decisions, _ = decide_batch(start, requests, T0 + 2, limits)
+    assert [d.outcome for d in decisions[:k]] == ["applied"] * k
+    assert (decisions[k].outcome, decisions[k].reason) == ("clamped", "power_cap")
+    applied = dict(start.applied)
+    for n, d in enumerate(decisions):
+        if d.value is not None:
+            applied[(d.machine, d.variable)] = Applied(d.value, T0 + 1, T0 + 2)
+        if n >= k:
+            assert predicted_power_kw(replace(start, applied=applied), limits) <= cap
+
+
 # --- The safety property -----------------------------------------------------------------
 
 MACHINES = ("m1", "m2", "m3")
@@ -439,6 +534,10 @@ def test_safety_property(
                     assert isinstance(d.value, float)
                     assert 0.7 <= d.value <= 1.25
                     assert abs(d.value - previous) <= rate * (now - at) + 1e-9
+                elif r.variable == "start_job":
+                    assert isinstance(d.value, float)
+                    assert d.value >= 0
+                    assert d.value == int(d.value)
                 else:
                     assert isinstance(d.value, bool)
                     assert r.value in (0, 1)

@@ -28,6 +28,7 @@ from autofab.control.supervisor_cmd import (
     load_limits,
     prepare_run,
     serve_supervisor,
+    status_line,
 )
 from autofab.control.supervisor_runtime import SupervisorRuntime, SupervisorStats
 from autofab.envs.plant import load_plant
@@ -270,3 +271,17 @@ def _empty(tmp_path: Path) -> Path:
 def test_run_spec_hides_the_token() -> None:
     fields = {f.name: f for f in SupervisorRun.__dataclass_fields__.values()}
     assert fields["operator_token"].repr is False
+
+
+def test_status_line_shows_lost_audit_records_only_when_there_are_some() -> None:
+    stats = SupervisorStats()
+    stats.decisions[("applied", "ok")] += 2
+    stats.writes["Good"] += 2
+    line = status_line(stats, connected=True)
+    assert line == (
+        "requests: 2 applied, 0 clamped, 0 rejected; heartbeats: 0; writes: 2; link: up"
+    )
+    stats.audit_failed = 3
+    assert status_line(stats, connected=False).endswith(
+        "link: DOWN (reconnecting); AUDIT RECORDS LOST: 3"
+    )

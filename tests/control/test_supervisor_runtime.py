@@ -8,6 +8,7 @@ import json
 import math
 import stat
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from asyncua import Client, Server, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from typer.testing import CliRunner
 
-from autofab.agents.protocol import SetpointRequest, Subjects
+from autofab.agents.protocol import SetpointRequest, Subjects, decode
 from autofab.control.bus import Bus
 from autofab.control.cli import app
 from autofab.control.natsd import EmbeddedNats
@@ -35,6 +36,7 @@ from autofab.control.opcua.twin import PlantTwin, TwinSettings, free_port
 from autofab.control.opcua.writer import PlantCredentials
 from autofab.control.supervisor import MachineLimits, SupervisorLimits
 from autofab.control.supervisor_runtime import (
+    AuditBatch,
     AuditRecord,
     SupervisorRuntime,
     SupervisorSettings,
@@ -198,15 +200,25 @@ def test_requests_reach_the_twin_in_one_batch_and_are_audited(
                 audit_subject("demo", "setpoint"), stream=audit_stream_name("demo"),
                 ordered_consumer=True,
             )  # fmt: skip
-            seen: dict[str, dict[str, Any]] = {}
+            ids = ("a1", "a2", "a3", "a4")
+            seen: dict[str, AuditRecord] = {}
+            times = Counter[str]()
             with_deadline = time.monotonic() + 3
-            while "a4" not in seen and time.monotonic() < with_deadline:
+            while not set(ids) <= set(seen) and time.monotonic() < with_deadline:
                 msg = await sub.next_msg(timeout=2)
-                body = json.loads(msg.data)
-                seen[body["request_id"]] = body
+                stored = decode(msg.subject, msg.data, AuditBatch)
+                assert stored.kind == "setpoint"
+                for rec in stored.records:
+                    seen[rec.request_id] = rec
+                    times[rec.request_id] += 1
             await sub.unsubscribe()
-            assert seen["a4"]["value"] is False
-            assert seen["a4"]["write_status"] == "written"
+            # Every decision is on the stream, once, as kept in memory.
+            assert [times[i] for i in ids] == [1, 1, 1, 1]
+            assert seen["a4"].value is False
+            assert seen["a4"].write_status == "written"
+            assert seen["a2"] == written["a2"]
+            assert r.sup.stats.audit_published >= 4
+            assert r.sup.stats.audit_failed == 0
 
     asyncio.run(main())
 
@@ -224,7 +236,7 @@ async def _all(*pairs: Any) -> bool:
 
 
 async def _wait_audit_flushed(sup: SupervisorRuntime) -> None:
-    await asyncio.wait_for(sup._audit_queue.join(), 5)
+    await sup.wait_audit_stored(5)
 
 
 def test_rejected_requests_never_reach_the_twin_and_are_audited(
@@ -266,6 +278,56 @@ def test_rejected_requests_never_reach_the_twin_and_are_audited(
                 "hdr": ["stale"],
             }
             assert all(a.outcome == "rejected" for rid in reasons for a in r.audit(rid))
+
+    asyncio.run(main())
+
+
+def test_read_back_is_coalesced_and_every_write_is_audited(
+    certs: Path, nats_server: EmbeddedNats
+) -> None:
+    async def main() -> None:
+        settings = SupervisorSettings(
+            heartbeat_interval_s=0.2, readback_idle_s=0.5, readback_max_delay_s=5.0
+        )
+        async with rig(certs, nats_server, settings=settings) as r:
+            subject = Subjects("demo").setpoint_request
+            before = r.sup.stats.read_backs
+            await r.agent.publish(subject, request("c1", "mill-1", "speed_setpoint", 0.9))
+            await wait_for(lambda: _all(r.value("mill-1", "speed_setpoint"), 0.9), 1.0, "c1")
+            assert not r.audit("c1")  # written, its read-back put off
+            await r.agent.publish(subject, request("c2", "mill-1", "speed_setpoint", 0.8))
+            await r.agent.publish(subject, request("c3", "lathe-1", "speed_setpoint", 0.85))
+            # c1 is written over before its read-back: audited then, with no read-back.
+            await wait_for(_true(lambda: bool(r.audit("c1"))), 1.0, "c2 written")
+            (c1,) = r.audit("c1")
+            assert (c1.write_status, c1.read_back, c1.mismatch) == ("written", None, False)
+            await wait_for(_true(lambda: bool(r.audit("c3"))), 2.0, "the read-back")
+            (c2,), (c3,) = r.audit("c2"), r.audit("c3")
+            assert c2.write_status == c3.write_status == "written"
+            assert (c2.read_back, c3.read_back) == (pytest.approx(0.8), pytest.approx(0.85))
+            assert not c2.mismatch
+            assert not c3.mismatch
+            assert r.sup.stats.read_backs == before + 1  # one read for c2 and c3
+            assert r.sup.stats.writes["Good"] == 3
+
+    asyncio.run(main())
+
+
+def test_an_audit_record_that_cannot_be_stored_is_counted(
+    certs: Path, nats_server: EmbeddedNats
+) -> None:
+    async def main() -> None:
+        async with rig(certs, nats_server) as r:
+            await r.sup.wait_audit_stored(5)
+            assert r.sup.stats.audit_failed == 0
+            await r.agent.client.jetstream().delete_stream(audit_stream_name("demo"))
+            subject = Subjects("demo").setpoint_request
+            for rid in ("lost-1", "lost-2"):
+                await r.agent.publish(subject, request(rid, "ghost", "speed_setpoint", 0.9))
+            await wait_for(_true(lambda: len(r.audit("lost-2")) == 1), 2.0, "the audit")
+            await r.sup.wait_audit_stored(5)
+            assert r.sup.stats.audit_failed == 2
+            assert [a.reason for a in r.audit("lost-1")] == ["unknown_machine"]
 
     asyncio.run(main())
 
@@ -536,3 +598,18 @@ def test_operator_token_file_is_private_and_the_cli_needs_a_token(
     path.chmod(0o644)
     with pytest.raises(ValueError, match="readable by other users"):
         read_operator_token("demo")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("readback_idle_s", -0.1, ">= 0"),
+        ("readback_max_delay_s", math.nan, ">= 0"),
+        ("heartbeat_interval_s", 0.0, "> 0"),
+        ("batch_window_s", math.inf, ">= 0"),
+    ],
+)
+def test_bad_settings_name_the_key(key: str, value: float, expected: str) -> None:
+    with pytest.raises(ValueError, match=f"SupervisorSettings.{key}: expected seconds {expected}"):
+        SupervisorSettings(**{key: value})
+    SupervisorSettings(readback_idle_s=0.0, readback_max_delay_s=0.0)  # read back every write
