@@ -409,8 +409,11 @@ class HostActor:
             metrics.SUPERVISOR_REQUESTS.labels(plant).inc(self._delta("requests", total))
             connected = 1.0 if self._supervisor.connected else 0.0
             metrics.SUPERVISOR_OPCUA_CONNECTED.labels(plant).set(connected)
-            alarms = self._delta("alarms", s.watchdog_alarms)
-            metrics.SUPERVISOR_WATCHDOG_ALARM.labels(plant).set(1.0 if alarms else 0.0)
+            alarm = 1.0 if s.watchdog_alarm else 0.0
+            metrics.SUPERVISOR_WATCHDOG_ALARM.labels(plant).set(alarm)
+            histogram = metrics.SUPERVISOR_WRITE_DURATION.labels(plant)
+            while s.write_seconds:
+                histogram.observe(s.write_seconds.popleft())
 
     async def stats(self) -> dict[str, Any]:
         """The part's counters for the live view and the report (starts it if needed)."""

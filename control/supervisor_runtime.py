@@ -357,6 +357,10 @@ class SupervisorStats:
     heartbeats: int = 0
     #: Heartbeat ticks that found the plant's watchdog alarm set (it had gone safe).
     watchdog_alarms: int = 0
+    #: The plant's watchdog alarm as the last heartbeat read it.
+    watchdog_alarm: bool = False
+    #: Wall seconds of recent batched writes (the metrics drain it).
+    write_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     connects: int = 0
     link_losses: int = 0
     #: Audit records stored (acknowledged by JetStream) and lost.
@@ -598,6 +602,7 @@ class SupervisorRuntime:
             try:
                 async with self._io:
                     (alarm,) = await self.writer.read_plant(["watchdog_alarm"])
+                    self.stats.watchdog_alarm = bool(alarm)
                     await self._send_heartbeat()
                     if alarm:
                         # The plant went to its safe state (latched) while we were quiet:
@@ -756,6 +761,7 @@ class SupervisorRuntime:
                 else:
                     batch.append((key, item))
             if batch:
+                started = time.perf_counter()
                 try:
                     codes = await self.writer.write_prepared([self._prepared(b) for b in batch])
                 except asyncio.CancelledError:
@@ -766,6 +772,7 @@ class SupervisorRuntime:
                     self._link_lost(error)
                     return
                 self.stats.write_batches += 1
+                self.stats.write_seconds.append(time.perf_counter() - started)
                 loop = asyncio.get_running_loop()
                 if not self._unverified:
                     self._unverified_since = loop.time()
