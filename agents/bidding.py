@@ -5,6 +5,11 @@ when it would finish, what the energy would cost, and the chance it breaks down 
 The agent gathers what it knows into a :class:`BidContext`; a :class:`BiddingPolicy` turns
 that and the call into a bid, or ``None`` to stay out of the round. A learned policy plugs
 in by implementing the same one method.
+
+A policy may also choose the speed the operation runs at: one that has
+``bid_with_speed`` (:class:`SpeedBiddingPolicy`) returns the bid with its speed, priced by
+:func:`honest_bid` at that speed, and the machine runs the operation at it if awarded. A
+policy with only ``bid`` bids at the machine's own speed (``BidContext.speed``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ __all__ = [
     "BiddingPolicy",
     "MachineSpec",
     "RuleBasedBidding",
+    "SpeedBiddingPolicy",
     "honest_bid",
 ]
 
@@ -88,6 +94,7 @@ class BidContext:
 
     machine: str
     spec: MachineSpec
+    #: The machine's own speed: what an operation runs at unless the policy chooses one.
     speed: float
     health: float
     #: Plant time at which the machine's queue of awarded work runs out.
@@ -104,8 +111,25 @@ class BiddingPolicy(Protocol):
     def bid(self, cfp: CallForProposals, context: BidContext) -> Bid | None: ...
 
 
-def honest_bid(cfp: CallForProposals, context: BidContext) -> Bid:
-    """The bid the machine can keep for ``cfp`` at its current speed, no strategy in it.
+@runtime_checkable
+class SpeedBiddingPolicy(BiddingPolicy, Protocol):
+    """A bidding policy that also chooses the speed the operation runs at.
+
+    ``bid_with_speed`` returns the bid and its speed, or ``None`` to pass. The bid must be
+    the one the machine can keep at that speed (:func:`honest_bid` with ``speed``), and the
+    speed must lie in ``[spec.speed_min, spec.speed_max]``: the machine clamps one outside
+    and prices the bid again at the clamped speed. ``bid`` stays the answer for callers
+    that run at the machine's own speed.
+    """
+
+    def bid_with_speed(
+        self, cfp: CallForProposals, context: BidContext
+    ) -> tuple[Bid, float] | None: ...
+
+
+def honest_bid(cfp: CallForProposals, context: BidContext, speed: float | None = None) -> Bid:
+    """The bid the machine can keep for ``cfp`` at ``speed`` (default: the machine's own,
+    ``context.speed``), no strategy in it.
 
     * finish = max(now, ready, queue end) + processing / speed;
     * energy cost = running power at that speed and load, priced by the tariff hour by
@@ -113,14 +137,22 @@ def honest_bid(cfp: CallForProposals, context: BidContext) -> Bid:
     * health risk = 1 - exp(-hazard x duration), the hazard taken at the health expected
       halfway through the operation (wear rises while it runs).
 
-    Every policy prices its bids here, so whatever a policy decides (bid or pass), a bid
-    it sends is the machine's own honest estimate.
+    Every policy prices its bids here, so whatever a policy decides (bid or pass, and at
+    which speed), a bid it sends is the machine's own honest estimate.
+
+    Raises:
+        ValueError: ``speed`` is outside the machine's ``[speed_min, speed_max]``.
     """
     spec = context.spec
-    duration = cfp.processing_seconds / context.speed
+    speed = context.speed if speed is None else speed
+    if not spec.speed_min <= speed <= spec.speed_max:
+        raise ValueError(
+            f"speed {speed} of {context.machine} is outside [{spec.speed_min}, {spec.speed_max}]"
+        )
+    duration = cfp.processing_seconds / speed
     start = max(context.now, cfp.ready_at, context.queue_end_at)
-    power = spec.running_power_w(context.speed, cfp.load, context.health)
-    mid_health = context.health - spec.wear_rate(context.speed, cfp.load) * duration / 2
+    power = spec.running_power_w(speed, cfp.load, context.health)
+    mid_health = context.health - spec.wear_rate(speed, cfp.load) * duration / 2
     risk = 1.0 - math.exp(-spec.hazard(max(mid_health, 0.0)) * duration)
     return Bid(
         machine=context.machine,

@@ -18,11 +18,19 @@ First come, first served, with a waitlist so small requests cannot starve a larg
 * Waitlist entries not retried within ``wait_ttl_seconds`` (plant time) are dropped, so a
   machine that went away does not hold headroom forever.
 
+The tariff
+----------
+By default the tariff does not change a grant: the machines price it into their bids
+(:class:`Tariff`), and the scheduler weighs that cost against finish time. A plant that
+must shed load when power is dear (demand response) sets ``expensive_per_kwh`` and
+``expensive_budget_fraction``: while the price is at or above ``expensive_per_kwh`` the
+budget is that fraction of the full one. A request that fits the full budget but not the
+reduced one is denied with ``retry_at`` at the end of the expensive hours (or when enough
+grants expire, whichever lets it fit first); grants already made are kept.
+
 Grants end with :class:`PowerRelease`, or on their own at ``until_at`` (the requested
 duration times ``expiry_factor`` plus ``expiry_margin_seconds``), which keeps the budget
-from leaking when a machine is lost mid-operation. The tariff does not change a grant:
-the machines already price it into their bids (:class:`Tariff`), and the scheduler weighs
-that cost against finish time.
+from leaking when a machine is lost mid-operation.
 
 Requests are idempotent: a repeated request id gets the same grant again, and a request id
 already released or expired is ignored (a late duplicate must not re-open a budget).
@@ -127,7 +135,8 @@ class _Waiting:
 
 
 class EnergyAgent(Agent):
-    """Grants power budgets under the plant peak cap (see the module docstring for the rule).
+    """Grants power budgets under the plant peak cap and, optionally, a tariff-dependent
+    budget (see the module docstring for the rule).
 
     ``budget_w`` is what machines may share: the peak cap less the base load. ``speedup``
     is the plant's plant-seconds per wall-second, used only to place expiry timers.
@@ -144,10 +153,22 @@ class EnergyAgent(Agent):
         expiry_margin_seconds: float = 60.0,
         wait_ttl_seconds: float = 600.0,
         memory: int = 10_000,
+        tariff: Tariff | None = None,
+        expensive_per_kwh: float | None = None,
+        expensive_budget_fraction: float = 1.0,
     ) -> None:
         super().__init__(name)
         if budget_w <= 0:
             raise ValueError(f"budget_w must be > 0, got {budget_w}")
+        if not 0 < expensive_budget_fraction <= 1:
+            raise ValueError(
+                f"expensive_budget_fraction must be in (0, 1], got {expensive_budget_fraction}"
+            )
+        if expensive_per_kwh is not None and tariff is None:
+            raise ValueError("expensive_per_kwh needs the tariff")
+        self.tariff = tariff
+        self.expensive_per_kwh = expensive_per_kwh
+        self.expensive_budget_fraction = expensive_budget_fraction
         self.subjects = subjects
         self.budget_w = budget_w
         self.speedup = speedup
@@ -167,7 +188,33 @@ class EnergyAgent(Agent):
         """The agent for ``config``'s energy section (budget = peak cap - base load)."""
         spec: EnergySpec = config.energy
         budget = (spec.peak_cap_kw - spec.base_load_kw) * 1e3
+        kwargs.setdefault("tariff", Tariff.from_plant(config))
         return cls(name, Subjects(config.name), budget, speedup=speedup, **kwargs)
+
+    def expensive(self, plant_at: float) -> bool:
+        """Whether power is dear at ``plant_at`` (and the budget reduced)."""
+        return (
+            self.tariff is not None
+            and self.expensive_per_kwh is not None
+            and self.tariff.per_kwh_at(plant_at) >= self.expensive_per_kwh
+        )
+
+    def budget_at(self, plant_at: float) -> float:
+        """What machines may share at ``plant_at`` (see "The tariff")."""
+        if self.expensive(plant_at):
+            return self.budget_w * self.expensive_budget_fraction
+        return self.budget_w
+
+    def _cheap_at(self, plant_at: float) -> float:
+        """The first plant time from ``plant_at`` at which power is not dear (hour steps)."""
+        at = plant_at
+        for _ in range(25):
+            if not self.expensive(at):
+                return at
+            assert self.tariff is not None
+            clock = self.tariff.shift_start_hour * 3600.0 + at
+            at += (math.floor(clock / 3600.0) + 1) * 3600.0 - clock
+        return at  # dear all day: the next full budget is never; retry in a day
 
     @property
     def granted_w(self) -> float:
@@ -221,7 +268,8 @@ class EnergyAgent(Agent):
             for k, w in self.waiting.items()
             if k != key and (key not in self.waiting or w.since < self.waiting[key].since)
         )
-        free = self.budget_w - self.granted_w - ahead
+        budget = self.budget_at(now.plant)
+        free = budget - self.granted_w - ahead
         if req.power_w <= free + 1e-9:
             self.waiting.pop(key, None)
             until = (
@@ -240,19 +288,27 @@ class EnergyAgent(Agent):
         else:
             wait = self.waiting.setdefault(key, _Waiting(req.power_w, now.plant, now.plant))
             wait.power_w, wait.last_seen = req.power_w, now.plant
-            reason = f"peak cap: {free:.0f} W free, {req.power_w:.0f} W asked"
-            retry_at = self._headroom_at(req.power_w + ahead, now)
+            dear = " (reduced while power is dear)" if budget < self.budget_w else ""
+            reason = f"peak cap{dear}: {free:.0f} W free, {req.power_w:.0f} W asked"
+            need = req.power_w + ahead
+            if budget < self.budget_w:  # dear now: the full budget comes back later
+                retry_at = self._cheap_at(now.plant)
+                if need <= budget + 1e-9:  # or it fits the reduced one once grants expire
+                    retry_at = min(retry_at, self._headroom_at(need, now, budget))
+            else:
+                retry_at = self._headroom_at(need, now, budget)
         deny = PowerDeny(
             request_id=req.request_id, machine=req.machine, reason=reason, retry_at=retry_at
         )
         return [Outgoing(to, deny)]
 
-    def _headroom_at(self, need_w: float, now: Now) -> float:
-        """The plant time at which enough grants expire for ``need_w`` to fit."""
+    def _headroom_at(self, need_w: float, now: Now, budget: float | None = None) -> float:
+        """The plant time at which enough grants expire for ``need_w`` to fit ``budget``."""
+        budget = self.budget_w if budget is None else budget
         used = self.granted_w
         at = now.plant
         for grant in sorted(self.grants.values(), key=lambda g: g.until_at):
-            if need_w <= self.budget_w - used + 1e-9:
+            if need_w <= budget - used + 1e-9:
                 break
             used -= grant.power_w
             at = grant.until_at

@@ -7,16 +7,26 @@ how a round with 100 bidders stays within a few milliseconds.
 Life of an awarded operation
 ----------------------------
 1. A call arrives; the :class:`~autofab.agents.bidding.BiddingPolicy` prices it from the
-   machine's queue, speed and estimated health. The call is kept until it is awarded,
-   rejected, or ``award_wait_seconds`` after its deadline.
-2. :class:`Accept` puts the operation at the end of the queue. Only the head of the queue
+   machine's queue, speed and estimated health. A policy that chooses speeds
+   (:class:`~autofab.agents.bidding.SpeedBiddingPolicy`) picks the speed the operation
+   would run at and prices it there; any other runs it at the machine's own ``speed``. A
+   chosen speed outside ``[speed_min, speed_max]`` is clamped and the bid priced again at
+   the clamped speed (counted as ``speed_clamped``), so a bid is always one the machine
+   can keep. The call and its speed are kept until it is awarded, rejected, or
+   ``award_wait_seconds`` after its deadline.
+2. :class:`Accept` puts the operation at the end of the queue as a :class:`Task` with the
+   speed it was bid at; that speed times it in the queue, sizes its power request, is the
+   ``speed_setpoint`` it starts with and sets its wear. Only the head of the queue
    asks for resources, one at a time, so nothing is hoarded: first material
    (:class:`MaterialReserve`, when the operation needs any), then power
    (:class:`PowerRequest`). A deny or shortage retries at the plant time the other agent
    named (``retry_at``, ``available_at``), or after ``retry_seconds``; a request with no
    reply is asked again after ``request_timeout_seconds`` under a new id.
-3. With both in hand the agent sends :class:`SetpointRequest` ``speed_setpoint`` and then
-   ``run`` = 1 to the safety supervisor, with a TTL. It never writes to the plant.
+3. With both in hand the agent sends :class:`SetpointRequest` ``speed_setpoint`` (the
+   task's speed), ``start_job`` (where the plant numbers its orders) and then ``run`` = 1
+   to the safety supervisor, with a TTL. It never writes to the plant. The supervisor may
+   clamp the speed (its bounds, its rate limit between writes); the plant then runs at
+   the speed applied, and the operation ends sooner or later than the bid said.
 4. Completion comes from the plant: the runtime (or the test world,
    :class:`autofab.agents.scenario.PlantWorld`) calls :meth:`MachineAgent.operation_finished`
    when the plant reports the operation done. The agent then sends :class:`InformDone`,
@@ -35,10 +45,11 @@ second Accept for a round) is answered safely (the grant is released) and counte
 Health
 ------
 The agent keeps its own health estimate: it starts at ``health`` and falls by the plant's
-wear law for every operation it completes; a repair restores it. :meth:`set_health` lets a
-predictive-maintenance monitor replace it. A :class:`HealthReport` goes out every
-``health_interval_seconds`` (wall time) and whenever the breakdown probability moves by
-``report_delta`` or the machine goes down or comes back.
+wear law (at the operation's speed) for every operation it completes; a repair restores
+it. :meth:`set_health` lets a predictive-maintenance monitor replace it. A
+:class:`HealthReport` goes out every ``health_interval_seconds`` (wall time) and whenever
+the breakdown probability moves by ``report_delta`` or the machine goes down or comes
+back.
 """
 
 from __future__ import annotations
@@ -50,7 +61,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from autofab.agents.base import Agent, Now, Outgoing, Subscription
-from autofab.agents.bidding import BidContext, BiddingPolicy, MachineSpec, RuleBasedBidding
+from autofab.agents.bidding import (
+    BidContext,
+    BiddingPolicy,
+    MachineSpec,
+    RuleBasedBidding,
+    honest_bid,
+)
 from autofab.agents.energy import Tariff, bounded_add, plant_to_wall
 from autofab.agents.protocol import (
     Accept,
@@ -82,7 +99,11 @@ __all__ = ["MachineAgent", "MachineHost", "Task"]
 
 @dataclass
 class Task:
-    """An awarded operation in a machine's queue, and where it stands."""
+    """An awarded operation in a machine's queue, and where it stands.
+
+    ``speed`` is the speed it was bid at and runs at; ``None`` (a snapshot from before
+    per-operation speeds) means the machine's own speed.
+    """
 
     round_id: str
     job: str
@@ -103,20 +124,27 @@ class Task:
     started_at: float | None = None
     plant_job: int | None = None
     start_sent_wall: float | None = None
+    speed: float | None = None
 
     @property
     def running(self) -> bool:
         return self.started_at is not None
 
-    def duration(self, speed: float) -> float:
-        return self.processing_seconds / speed
+    def speed_or(self, default: float) -> float:
+        """The task's speed, or ``default`` (the machine's speed) when it has none."""
+        return default if self.speed is None else self.speed
+
+    def duration(self, default_speed: float) -> float:
+        """Running seconds at the task's speed (``default_speed`` when it has none)."""
+        return self.processing_seconds / self.speed_or(default_speed)
 
 
 class MachineAgent(Agent):
     """The agent of one machine; see the module docstring for what it does and why.
 
-    ``speedup`` (plant seconds per wall second) is used only to turn plant-time retry
-    times into wall-time timers.
+    ``speed`` is the machine's own speed: what an operation runs at unless the policy
+    chooses one per operation. ``speedup`` (plant seconds per wall second) is used only
+    to turn plant-time retry times into wall-time timers.
     """
 
     def __init__(
@@ -165,6 +193,8 @@ class MachineAgent(Agent):
         self.queue: list[Task] = []
         #: Calls this machine bid on, by round, awaiting Accept or Reject.
         self.bids: dict[str, CallForProposals] = {}
+        #: The speed of each bid in ``bids``, by round (what an Accept will run it at).
+        self.bid_speeds: dict[str, float] = {}
         #: Rounds finished, failed or withdrawn here: a late Accept for one is ignored.
         self.closed: OrderedDict[str, None] = OrderedDict()
         #: Material reservations used up by an operation that started: never released.
@@ -232,6 +262,7 @@ class MachineAgent(Agent):
             r for r, c in self.bids.items() if c.deadline + self.award_wait_seconds <= now.wall
         ]:
             del self.bids[round_id]
+            self.bid_speeds.pop(round_id, None)
         out: list[Outgoing] = []
         if self.queue:
             head = self.queue[0]
@@ -261,7 +292,10 @@ class MachineAgent(Agent):
     # --- What a host calls ---------------------------------------------------------------
 
     def make_bid(self, cfp: CallForProposals, now: Now) -> Bid | None:
-        """This machine's bid for ``cfp``, or ``None`` (down, incapable, or declined)."""
+        """This machine's bid for ``cfp``, or ``None`` (down, incapable, or declined).
+
+        The speed it is bid at is kept in :attr:`bid_speeds` until the round is decided.
+        """
         round_id = cfp.round_id
         if self.status == "down" or round_id in self.closed:
             return None
@@ -272,7 +306,7 @@ class MachineAgent(Agent):
         for task in self.queue:
             if task.round_id == round_id:
                 return None
-            duration = task.processing_seconds / speed
+            duration = task.processing_seconds / (speed if task.speed is None else task.speed)
             started = task.started_at
             end = max(end, started + duration) if started is not None else end + duration
         context = BidContext(
@@ -284,9 +318,26 @@ class MachineAgent(Agent):
             now=now.plant,
             tariff=self.tariff,
         )
-        bid = self.policy.bid(cfp, context)
+        policy = self.policy
+        choose = getattr(policy, "bid_with_speed", None)
+        if choose is None:
+            bid = policy.bid(cfp, context)
+        else:
+            chosen: tuple[Bid, float] | None = choose(cfp, context)
+            if chosen is None:
+                return None
+            bid, speed = chosen
+            spec = self.spec
+            if not math.isfinite(speed):
+                self._count("speed_not_finite")
+                return None
+            if not spec.speed_min <= speed <= spec.speed_max:
+                self._count("speed_clamped")
+                speed = min(max(speed, spec.speed_min), spec.speed_max)
+                bid = honest_bid(cfp, context, speed)
         if bid is not None:
-            self.bids[cfp.round_id] = cfp
+            self.bids[round_id] = cfp
+            self.bid_speeds[round_id] = speed
         return bid
 
     def receive(self, message: MessageBase, now: Now) -> list[Outgoing]:
@@ -367,7 +418,8 @@ class MachineAgent(Agent):
         bounded_add(self.closed, task.round_id, self.memory)
         self.completed += 1
         run = max(now.plant - task.started_at, 0.0)
-        self.health = max(0.0, self.health - self.spec.wear_rate(self.speed, task.load) * run)
+        wear = self.spec.wear_rate(task.speed_or(self.speed), task.load)
+        self.health = max(0.0, self.health - wear * run)
         done = InformDone(
             round_id=task.round_id,
             machine=self.name,
@@ -425,6 +477,7 @@ class MachineAgent(Agent):
             self._count("duplicate_accept")
             return []
         cfp = self.bids.pop(acc.round_id, None)
+        speed = self.bid_speeds.pop(acc.round_id, self.speed)
         reason = None
         if self.status == "down":
             reason = "machine down"
@@ -432,7 +485,7 @@ class MachineAgent(Agent):
             reason = "award without a matching bid on record"
         if reason is not None or cfp is None:
             return [self._fail(acc.round_id, acc.job, acc.op, now, reason or "no bid")]
-        duration = cfp.processing_seconds / self.speed
+        duration = cfp.processing_seconds / speed
         self.queue.append(
             Task(
                 round_id=acc.round_id,
@@ -444,12 +497,14 @@ class MachineAgent(Agent):
                 quantity=cfp.quantity,
                 finish_at=self.queue_end_at(now) + duration,
                 plant_job=acc.plant_job,
+                speed=speed,
             )
         )
         return self._advance(now)
 
     def _reject(self, rej: Reject, now: Now) -> list[Outgoing]:
         self.bids.pop(rej.round_id, None)
+        self.bid_speeds.pop(rej.round_id, None)
         for i, task in enumerate(self.queue):
             if task.round_id == rej.round_id:
                 del self.queue[i]
@@ -528,7 +583,9 @@ class MachineAgent(Agent):
             task.attempt += 1
             task.power_request = f"{self.name}-{task.round_id}-p{task.attempt}"
             task.request_sent_wall = now.wall
-            task.power_w = self.spec.running_power_w(self.speed, task.load, self.health)
+            task.power_w = self.spec.running_power_w(
+                task.speed_or(self.speed), task.load, self.health
+            )
             request = PowerRequest(
                 request_id=task.power_request,
                 machine=self.name,
@@ -547,10 +604,10 @@ class MachineAgent(Agent):
         return self._start_commands(task, now)
 
     def _start_commands(self, task: Task, now: Now) -> list[Outgoing]:
-        """The setpoints that start ``task``: speed, the production order (where the plant
-        numbers its orders), then run."""
+        """The setpoints that start ``task``: its speed, the production order (where the
+        plant numbers its orders), then run."""
         task.start_sent_wall = now.wall
-        out = [self._setpoint("speed_setpoint", self.speed, now)]
+        out = [self._setpoint("speed_setpoint", task.speed_or(self.speed), now)]
         if task.plant_job is not None:
             out.append(self._setpoint("start_job", float(task.plant_job), now))
         return [*out, self._setpoint("run", 1.0, now)]
@@ -616,6 +673,7 @@ class MachineAgent(Agent):
             "speed": self.speed,
             "queue": [asdict(t) for t in self.queue],
             "bids": {r: c.model_dump(mode="json", by_alias=True) for r, c in self.bids.items()},
+            "bid_speeds": dict(self.bid_speeds),
             "closed": list(self.closed),
             "consumed": list(self.consumed),
             "ignored": dict(self.ignored),
@@ -631,6 +689,9 @@ class MachineAgent(Agent):
         self.speed = float(state["speed"])
         self.queue = [Task(**t) for t in state["queue"]]
         self.bids = {r: CallForProposals.model_validate(c) for r, c in state["bids"].items()}
+        # Snapshots from before per-operation speeds have none: those bids run at ``speed``.
+        speeds = state.get("bid_speeds", {})
+        self.bid_speeds = {r: float(speeds.get(r, self.speed)) for r in self.bids}
         self.closed = OrderedDict.fromkeys(str(r) for r in state["closed"])
         self.consumed = OrderedDict.fromkeys(str(r) for r in state["consumed"])
         self.ignored = dict(state["ignored"])

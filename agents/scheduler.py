@@ -227,6 +227,9 @@ class SchedulerAgent(Agent):
         self.closed: OrderedDict[str, str] = OrderedDict()
         self.completions: list[Completion] = []
         self.reannounced: dict[str, int] = {}
+        #: Rounds withdrawn for want of a result, and their winner: a late result from it
+        #: is still taken while the job waits for that operation (:meth:`_late_done`).
+        self.withdrawn: OrderedDict[str, str] = OrderedDict()
         #: Running totals for monitoring: rounds announced, bids taken, awards made.
         self.counts: dict[str, int] = {"rounds": 0, "bids": 0, "awards": 0}
         #: Wall seconds from call to award of recent rounds (the runtime drains it).
@@ -577,6 +580,7 @@ class SchedulerAgent(Agent):
         """The winner sent no result in time: take the award back and announce again."""
         assert rnd.winner is not None
         self._end(rnd, "timeout")
+        bounded_add(self.withdrawn, rnd.round_id, self.memory, rnd.winner)
         reject = Reject(
             round_id=rnd.round_id, machines=[rnd.winner], reason="award withdrawn: no result"
         )
@@ -612,11 +616,47 @@ class SchedulerAgent(Agent):
         return rnd
 
     def _done(self, msg: InformDone, now: Now) -> list[Outgoing]:
+        if msg.round_id not in self.rounds and msg.round_id in self.withdrawn:
+            late = self._late_done(msg, now)
+            if late is not None:
+                return late
         rnd = self._result_round(msg)
         if rnd is None:
             return []
-        job = self.jobs[rnd.job]
         self._end(rnd, "done")
+        return self._completed(self.jobs[rnd.job], msg, now)
+
+    def _late_done(self, msg: InformDone, now: Now) -> list[Outgoing] | None:
+        """A result for a round withdrawn for want of one: the old winner did the work after
+        all (its result was delayed, not lost). Take it while the job still waits for that
+        operation, and call off the round announced in its place, so the operation is not
+        done twice. ``None`` when it does not fit (counted as any stale result)."""
+        job = self.jobs.get(msg.job)
+        if (
+            self.withdrawn.get(msg.round_id) != msg.machine
+            or job is None
+            or job.finished_at is not None
+            or job.next_op != msg.op
+        ):
+            return None
+        del self.withdrawn[msg.round_id]
+        self._count("late_result_taken")
+        out: list[Outgoing] = []
+        current = self.rounds.get(job.round_id) if job.round_id is not None else None
+        if current is not None and (current.job, current.op) == (msg.job, msg.op):
+            called_off = sorted({*current.bids, *([current.winner] if current.winner else [])})
+            if called_off:
+                reject = Reject(
+                    round_id=current.round_id,
+                    machines=called_off,
+                    reason="the operation was done in an earlier round",
+                )
+                out.append(Outgoing(self.subjects.award(current.round_id), reject))
+            self._end(current, "superseded")
+        return out + self._completed(job, msg, now)
+
+    def _completed(self, job: _Job, msg: InformDone, now: Now) -> list[Outgoing]:
+        """Record ``msg``'s operation as done on ``job`` and move the job on."""
         if msg.defect:
             # The part is bad: do the operation again (rework) or the route again with a
             # fresh part (scrap), as the plant does (``on_defect``).
@@ -670,6 +710,7 @@ class SchedulerAgent(Agent):
             "jobs": {j: asdict(s) for j, s in self.jobs.items()},
             "rounds": {r: _round_state(s) for r, s in self.rounds.items()},
             "closed": dict(self.closed),
+            "withdrawn": dict(self.withdrawn),
             "completions": [asdict(c) for c in self.completions],
             "ignored": dict(self.ignored),
             "reannounced": dict(self.reannounced),
@@ -685,6 +726,7 @@ class SchedulerAgent(Agent):
             for r, s in state["rounds"].items()
         }
         self.closed = OrderedDict(state["closed"])
+        self.withdrawn = OrderedDict(state.get("withdrawn", {}))
         self.completions = [Completion(**c) for c in state["completions"]]
         self.ignored = dict(state["ignored"])
         self.reannounced = dict(state["reannounced"])

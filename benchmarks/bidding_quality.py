@@ -7,20 +7,24 @@ scheduler, energy, supply, one host of the eight machine agents, the toy plant w
 6-12 orders with due dates, machines of random health, breakdowns drawn from the plant's
 hazard law with luck shared by both policies on a seed. Each held-out seed is run twice,
 with every machine on :class:`~autofab.agents.bidding.RuleBasedBidding` (the peer), and
-with every machine on the learned gate (:class:`LearnedBidding`: the same honest bid, or
-a pass). The learned policy is the shipped file (``--policy default``), another file, or
-trained here first (``--train``, with the shipped file's settings by default: training
-seeds 0-23, validation seeds 100-123, held-out seeds from 1000, so none overlap).
+with every machine on the learned policy (:class:`LearnedBidding`: the honest bid at the
+machine's own speed or a pass, for a gate; the honest bid at the speed it chooses, or a
+pass, for a speed chooser, and the machine then runs the operation at that speed). The
+learned policy is the shipped file (``--policy default``), another file, or trained here
+first (``--train``: a speed chooser over ``--speeds`` candidate speeds, or a gate with
+``--speeds 0``; training seeds 0-23, validation seeds 100-123, held-out seeds from 1000,
+so none overlap).
 
 Figures: per policy the median over seeds of the cost (total tardiness in hours + energy
 cost, one currency unit = one hour, the scheduler's exchange rate), of its two parts and
 of breakdowns; the ratio of the medians (learned / rule); and per seed the paired
-difference (learned - rule): its mean and median, and how many seeds each side won.
+difference (learned - rule): its mean with its standard error, its median, and how many
+seeds each side won.
 
 Run from the repository root::
 
     python benchmarks/bidding_quality.py                     # shipped policy, seeds 1000-1099
-    python benchmarks/bidding_quality.py --train --json bidding.json
+    python benchmarks/bidding_quality.py --train --speeds 8 --json bidding.json
     python benchmarks/bidding_quality.py --check             # exit 1 if the mean cost is worse
 """
 
@@ -63,10 +67,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--validation-seeds", type=int, default=24, help="validation seeds 100..100+N-1"
     )
-    parser.add_argument("--iterations", type=int, default=10, help="CEM iterations")
+    parser.add_argument("--iterations", type=int, default=20, help="CEM iterations")
     parser.add_argument("--population", type=int, default=16, help="CEM population")
     parser.add_argument("--elite", type=int, default=4, help="CEM elite size")
     parser.add_argument("--hidden", type=int, default=0, help="hidden tanh units (0: linear)")
+    parser.add_argument(
+        "--speeds", type=int, default=8, help="candidate speeds to train (0: a bid-or-pass gate)"
+    )
+    parser.add_argument("--max-passes", type=int, default=2, help="passes per operation")
+    parser.add_argument("--init-std", type=float, default=1.0, help="CEM initial std")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search")
     parser.add_argument("--save", type=Path, help="write the trained policy here")
     parser.add_argument("--seeds", type=int, default=100, help="held-out seeds")
@@ -100,6 +109,9 @@ def learned_policy(args: argparse.Namespace, console: Console) -> LearnedBidding
             population=args.population,
             elite=args.elite,
             hidden=args.hidden,
+            speeds=args.speeds,
+            max_passes=args.max_passes,
+            init_std=args.init_std,
             seed=args.seed,
             validation=range(VALIDATION_FIRST, VALIDATION_FIRST + args.validation_seeds),
             progress=lambda _it, _best: bar.advance(task),
@@ -176,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for a, b in zip(runs[LEARNED], runs[RULE], strict=True)
     ]
     wins, losses = sum(d < -1e-9 for d in delta), sum(d > 1e-9 for d in delta)
+    stderr = statistics.stdev(delta) / len(delta) ** 0.5 if len(delta) > 1 else float("nan")
     summary = {
         "mean_cost_delta": statistics.fmean(delta),
+        "mean_cost_delta_stderr": stderr,
         "median_cost_delta": statistics.median(delta),
         "mean_tardiness_delta": statistics.fmean(tard),
         "learned_better": wins,
@@ -185,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ties": len(delta) - wins - losses,
     }
     print(
-        f"\npaired, learned - rule: cost mean {summary['mean_cost_delta']:+.3f} h, median "
+        f"\npaired, learned - rule: cost mean {summary['mean_cost_delta']:+.3f} h "
+        f"(standard error {stderr:.3f}), median "
         f"{summary['median_cost_delta']:+.3f} h; tardiness mean "
         f"{summary['mean_tardiness_delta']:+.3f} h; learned better on {wins} seeds, "
         f"rule on {losses}, tied on {summary['ties']}"

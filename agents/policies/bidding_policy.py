@@ -1,21 +1,29 @@
-"""A learned bidding policy for machine agents: features, the gate network, its file, training.
+"""A learned bidding policy for machine agents: features, the network, its file, training.
 
 Deployment
 ----------
-:class:`LearnedBidding` implements :class:`~autofab.agents.bidding.BiddingPolicy`. It
-prices every bid with :func:`~autofab.agents.bidding.honest_bid`, the same estimate as
-the rule, so every field of a bid it sends is one the machine can keep: the machine
-runs each operation at its own speed (``MachineAgent.speed``), and the finish, energy
-and risk are those of that speed. What is learned is *whether to bid*: a small network
-reads :data:`FEATURES` (queue ahead, due-date slack, health, breakdown risk, tariff,
-energy cost...) and passes when its logit is positive, leaving the operation to the
-other machines. So that no operation is starved, a machine passes the same operation at
-most ``max_passes`` times and then bids, whatever the network says.
+:class:`LearnedBidding` implements :class:`~autofab.agents.bidding.SpeedBiddingPolicy`.
+It prices every bid with :func:`~autofab.agents.bidding.honest_bid`, the same estimate as
+the rule, so every field of a bid it sends is one the machine can keep. It comes in two
+forms, told apart by :attr:`LearnedBidding.speeds`:
 
-On the demo plant the shipped gate ties the rule (``pretrained/README.md``,
-``benchmarks/bidding_quality.py``): the scheduler's award score already weighs finish,
-energy and risk, so passing is a weak lever. Choosing each operation's *speed* would be
-a strong one, but the machine agent runs every operation at one speed today.
+* a **speed chooser** (``speeds`` > 0, format version 2): for each candidate speed (the
+  machine's own speed and ``speeds`` speeds evenly spaced in its ``[speed_min,
+  speed_max]``) it prices the honest bid at that speed and reads :data:`SPEED_FEATURES`
+  (slack to the due date, lateness, energy cost and its saving, breakdown risk, tariff,
+  each at that speed...). The network gives each candidate a score and a pass logit; the
+  machine bids the best-scoring speed, or passes when that candidate's pass logit is
+  positive. The machine then runs the operation at the speed it bid
+  (``MachineAgent``, ``Task.speed``).
+* a **gate** (``speeds`` = 0, format version 1, ``pretrained/bidding_gate.npz``): it bids
+  at the machine's own speed and only learns whether to pass, from :data:`FEATURES`.
+
+So that no operation is starved, a machine passes the same operation at most
+``max_passes`` times and then bids, whatever the network says. ``bid`` (without speed)
+always prices the machine's own speed, for callers that cannot run another.
+
+The shipped default (:data:`DEFAULT_BIDDING`) is a speed chooser; how it and the gate
+compare with the rule is in ``pretrained/README.md`` (``benchmarks/bidding_quality.py``).
 
 Deployment needs only numpy: agents that do not run a learned policy never import this
 module, and nothing here imports torch (training imports the in-memory scenario lazily).
@@ -25,22 +33,27 @@ The file
 A plain ``.npz`` (no pickle), in the dispatcher's house style
 (:func:`autofab.agents.policies.dispatcher.save_dispatcher`): ``kind`` = ``"bidding"``,
 ``format_version``, ``layout`` (the feature names, in order; a file made for another
-layout is refused), ``meta`` (JSON provenance) and the layers ``w0, b0, w1, b1...``
-(tanh between layers, one output: the pass logit). :func:`load_bidding_policy` reads
-it, and :func:`autofab.agents.policies.artifacts.load_policy` reads it too.
+layout is refused), ``max_passes``, ``meta`` (JSON provenance) and the layers ``w0, b0,
+w1, b1...`` (tanh between layers). Version 1 (a gate): :data:`FEATURES`, one output, the
+pass logit. Version 2 (a speed chooser) adds ``speeds``: :data:`SPEED_FEATURES`, two
+outputs, the candidate's score and its pass logit. Both versions are read, by
+:func:`load_bidding_policy` and by :func:`autofab.agents.policies.artifacts.load_policy`.
 
 >>> agent = MachineAgent(name, subjects, spec, tariff, policy=load_bidding_policy("default"))
 
 Training
 --------
-:func:`train_bidding` searches the weights with the cross-entropy method on whole
-in-memory negotiations (:class:`~autofab.agents.scenario.Scenario` of the demo plant,
-:func:`run_episode`): orders with due dates, machines of random health that break down
-by the plant's hazard law. The objective is :attr:`BiddingKpis.cost`, total tardiness
+:func:`train_bidding` searches the weights (of a gate, or with ``speeds`` of a speed
+chooser) with the cross-entropy method on whole in-memory negotiations
+(:class:`~autofab.agents.scenario.Scenario` of the demo plant, :func:`run_episode`):
+orders with due dates, machines of random health that break down by the plant's hazard
+law. The objective is :attr:`BiddingKpis.cost`, total tardiness
 plus energy cost in the scheduler's exchange rate (``ScoreWeights``), as a paired
 difference to :class:`~autofab.agents.bidding.RuleBasedBidding` on the same seeds (the
-same seed draws the same orders and the same breakdown chances for both).
-:func:`evaluate_bidding` measures a policy on other seeds.
+same seed draws the same orders and the same breakdown chances for both). The search
+starts from the network that does what the rule does (bid everything at the machine's own
+speed), which is always a candidate. :func:`evaluate_bidding` measures a policy on other
+seeds.
 """
 
 from __future__ import annotations
@@ -74,17 +87,20 @@ __all__ = [
     "FORMAT_VERSION",
     "KIND",
     "RULES_NAME",
+    "SPEED_FEATURES",
     "BiddingKpis",
     "BiddingLoadError",
     "BiddingTraining",
     "LearnedBidding",
     "bid_features",
+    "candidate_speeds",
     "evaluate_bidding",
     "is_bidding_file",
     "load_bidding_policy",
     "read_bidding_file",
     "run_episode",
     "save_bidding_policy",
+    "speed_features",
     "train_bidding",
 ]
 
@@ -101,12 +117,35 @@ FEATURES: tuple[str, ...] = (
     "load",  # the operation's relative load
     "speed_ratio",  # speed / nominal speed
 )
-#: The ``.npz`` layout written by :func:`save_bidding_policy`.
-FORMAT_VERSION = 1
+#: A speed chooser's inputs for one candidate speed ``s``, in order: :data:`FEATURES` of
+#: the honest bid at ``s`` (so ``slack_hours``, ``risk``, ``energy_cost``,
+#: ``duration_hours`` and ``speed_ratio`` are those of ``s``), then:
+#: With ``d`` = s / own speed - 1, a score ``-a d^2 + d (w . x)`` peaks at
+#: ``d = (w . x) / 2a``: the ``change_*`` terms let a linear network set the speed as a
+#: function of the situation (price, slack, queue...), and the start of the training
+#: search (only ``-a d^2``) keeps the machine's own speed, as the rule does.
+SPEED_FEATURES: tuple[str, ...] = (
+    *FEATURES,
+    "late_hours",  # max(finish - due, 0) / 3600 at s, clipped to [0, 8]
+    "energy_saving",  # energy cost at the machine's own speed - at s, clipped to [-10, 10]
+    "time_saving_hours",  # finish at the machine's own speed - at s, in hours
+    "change_sq",  # d^2
+    "change",  # d
+    "change_x_price",  # d x price_ratio
+    "change_x_slack",  # d x slack_hours at the machine's own speed
+    "change_x_queue",  # d x queue_wait
+    "change_x_health",  # d x health
+    "change_x_load",  # d x load
+)
+#: The newest ``.npz`` layout written by :func:`save_bidding_policy` (a speed chooser;
+#: a gate is still written as version 1). :func:`read_bidding_file` reads 1 and 2.
+FORMAT_VERSION = 2
+#: The layout of each version: its features and its outputs.
+_LAYOUTS: dict[int, tuple[tuple[str, ...], int]] = {1: (FEATURES, 1), 2: (SPEED_FEATURES, 2)}
 #: The ``kind`` entry that tells a bidding file from a dispatcher file.
 KIND = "bidding"
 #: The bidding policy shipped with autofab (``pretrained/README.md`` says how it was made).
-DEFAULT_BIDDING = Path(__file__).resolve().parent / "pretrained" / "bidding_gate.npz"
+DEFAULT_BIDDING = Path(__file__).resolve().parent / "pretrained" / "bidding_speed.npz"
 #: :func:`load_bidding_policy` names: the shipped file, and the rule.
 DEFAULT_NAME = "default"
 RULES_NAME = "rules"
@@ -116,10 +155,14 @@ class BiddingLoadError(ValueError):
     """A bidding policy file cannot be used; the message names the file and why."""
 
 
-def bid_features(cfp: CallForProposals, context: BidContext, bid: Bid) -> NDArray[np.float64]:
-    """:data:`FEATURES` of the honest ``bid`` for ``cfp``, shape ``(len(FEATURES),)``."""
+def bid_features(
+    cfp: CallForProposals, context: BidContext, bid: Bid, speed: float | None = None
+) -> NDArray[np.float64]:
+    """:data:`FEATURES` of the honest ``bid`` for ``cfp`` at ``speed`` (default: the
+    machine's own), shape ``(len(FEATURES),)``."""
     spec, tariff = context.spec, context.tariff
-    duration = cfp.processing_seconds / context.speed
+    speed = context.speed if speed is None else speed
+    duration = cfp.processing_seconds / speed
     start = bid.finish_at - duration
     earliest = max(context.now, cfp.ready_at)
     mean_price = sum(tariff.per_kwh) / len(tariff.per_kwh)
@@ -134,22 +177,65 @@ def bid_features(cfp: CallForProposals, context: BidContext, bid: Bid) -> NDArra
             min(bid.energy_cost, 10.0),
             duration / 3600.0,
             cfp.load,
-            context.speed / spec.speed_nominal,
+            speed / spec.speed_nominal,
         ]
     )
+
+
+def candidate_speeds(context: BidContext, n: int) -> list[float]:
+    """The speeds a speed chooser weighs: the machine's own first (it wins ties), then
+    ``n`` evenly spaced in ``[speed_min, speed_max]`` (those equal to it left out)."""
+    spec = context.spec
+    own = context.speed
+    if n <= 0:
+        return [own]
+    grid = [float(v) for v in np.linspace(spec.speed_min, spec.speed_max, n)]
+    return [own, *(v for v in grid if abs(v - own) > 1e-9)]
+
+
+def speed_features(
+    cfp: CallForProposals, context: BidContext, speeds: Sequence[float]
+) -> tuple[list[Bid], NDArray[np.float64]]:
+    """The honest bid at each of ``speeds`` (the first must be the machine's own) and
+    their :data:`SPEED_FEATURES`, shape ``(len(speeds), len(SPEED_FEATURES))``."""
+    bids = [honest_bid(cfp, context, s) for s in speeds]
+    own = bids[0]
+    rows = np.empty((len(speeds), len(SPEED_FEATURES)))
+    own_features = bid_features(cfp, context, own, speeds[0])
+    queue_wait, own_slack, price = (float(own_features[i]) for i in (0, 2, 5))
+    for i, (speed, bid) in enumerate(zip(speeds, bids, strict=True)):
+        base = own_features if i == 0 else bid_features(cfp, context, bid, speed)
+        d = speed / speeds[0] - 1.0
+        rows[i, : len(FEATURES)] = base
+        rows[i, len(FEATURES) :] = (
+            min(max((bid.finish_at - cfp.due_at) / 3600.0, 0.0), 8.0),
+            min(max(own.energy_cost - bid.energy_cost, -10.0), 10.0),
+            (own.finish_at - bid.finish_at) / 3600.0,
+            d * d,
+            d,
+            d * price,
+            d * own_slack,
+            d * queue_wait,
+            d * context.health,
+            d * cfp.load,
+        )
+    return bids, rows
 
 
 Layers = list[tuple[NDArray[np.float64], NDArray[np.float64]]]
 
 
 class LearnedBidding:
-    """The learned gate as a :class:`~autofab.agents.bidding.BiddingPolicy`, in numpy.
+    """The learned policy as a :class:`~autofab.agents.bidding.SpeedBiddingPolicy`, in numpy.
 
-    Bids :func:`honest_bid` unless the network's pass logit is positive; a machine passes
-    one operation (``job``, ``op``) at most ``max_passes`` times, so a round that nobody
-    bids on is announced again and then bid on. ``meta`` is the provenance stored with the
-    weights. One instance may serve many machines (a host's): passes are kept per machine,
-    for the ``memory`` most recent operations.
+    ``speeds`` = 0: a gate over :data:`FEATURES` (one output, the pass logit) that bids
+    at the machine's own speed. ``speeds`` > 0: a speed chooser over
+    :data:`SPEED_FEATURES` (two outputs per candidate speed: score, pass logit) that bids
+    the best-scoring of :func:`candidate_speeds`. Either passes one operation (``job``,
+    ``op``) at most ``max_passes`` times, so a round that nobody bids on is announced
+    again and then bid on. ``meta`` is the provenance stored with the weights. One
+    instance may serve many machines (a host's): passes are kept per machine, for the
+    ``memory`` most recent operations.
     """
 
     def __init__(
@@ -159,18 +245,24 @@ class LearnedBidding:
         *,
         max_passes: int = 2,
         memory: int = 10_000,
+        speeds: int = 0,
     ) -> None:
         """``layers``: ``(weight (in, out), bias (out,))`` per layer, tanh between them."""
         if not layers:
             raise ValueError("a bidding policy needs at least one layer")
+        if speeds < 0:
+            raise ValueError(f"speeds must be >= 0, got {speeds}")
         self.layers: Layers = [
             (np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64)) for w, b in layers
         ]
-        n_in, n_out = self.layers[0][0].shape[0], self.layers[-1][0].shape[-1]
-        if self.layers[0][0].ndim != 2 or n_in != len(FEATURES) or n_out != 1:
+        features, outputs = self.layout_of(speeds)
+        first, last = self.layers[0][0], self.layers[-1][0]
+        n_in, n_out = first.shape[0], last.shape[-1]
+        if first.ndim != 2 or n_in != len(features) or n_out != outputs:
+            what = "speed chooser" if speeds else "gate"
             raise ValueError(
-                f"a bidding policy maps {len(FEATURES)} features to 1 logit; these layers "
-                f"map {n_in} to {n_out}"
+                f"a bidding {what} maps {len(features)} features to {outputs} outputs; these "
+                f"layers map {n_in} to {n_out}"
             )
         for i, (w, b) in enumerate(self.layers):
             nxt = self.layers[i + 1][0] if i + 1 < len(self.layers) else None
@@ -185,9 +277,16 @@ class LearnedBidding:
         self.meta: dict[str, Any] = dict(meta or {})
         self.max_passes = max_passes
         self.memory = memory
+        #: Evenly spaced candidate speeds besides the machine's own (0: a gate).
+        self.speeds = speeds
         self._passes: OrderedDict[tuple[str, str, int], int] = OrderedDict()
         #: Calls passed so far (all machines this instance serves).
         self.passed = 0
+
+    @staticmethod
+    def layout_of(speeds: int) -> tuple[tuple[str, ...], int]:
+        """The feature names and the number of outputs of a policy with ``speeds``."""
+        return _LAYOUTS[2 if speeds else 1]
 
     @classmethod
     def always_bid(cls, meta: Mapping[str, Any] | None = None) -> LearnedBidding:
@@ -195,27 +294,52 @@ class LearnedBidding:
         w = np.zeros((len(FEATURES), 1))
         return cls([(w, np.array([-1.0]))], meta)
 
-    def pass_logit(self, features: NDArray[np.float64]) -> float:
-        """The network's output for one feature vector: pass when > 0."""
-        h = features
+    def outputs(self, features: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The network's outputs for feature rows ``(k, n)`` (or one row): ``(k, out)``."""
+        h = np.atleast_2d(features)
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             h = h @ w + b
             if i < last:
                 h = np.tanh(h)
-        return float(h[0])
+        return h
+
+    def pass_logit(self, features: NDArray[np.float64]) -> float:
+        """The pass logit for one feature vector (of the layout): pass when > 0."""
+        return float(self.outputs(features)[0, -1])
 
     def bid(self, cfp: CallForProposals, context: BidContext) -> Bid | None:
+        """Bid or pass at the machine's own speed (what a caller that cannot run another
+        speed gets)."""
+        chosen = self._decide(cfp, context, [context.speed])
+        return None if chosen is None else chosen[0]
+
+    def bid_with_speed(
+        self, cfp: CallForProposals, context: BidContext
+    ) -> tuple[Bid, float] | None:
+        """The bid at the chosen speed and that speed, or ``None`` to pass."""
+        return self._decide(cfp, context, candidate_speeds(context, self.speeds))
+
+    def _decide(
+        self, cfp: CallForProposals, context: BidContext, speeds: Sequence[float]
+    ) -> tuple[Bid, float] | None:
         if cfp.capability not in context.spec.capabilities:
             return None
-        bid = honest_bid(cfp, context)
-        if self.max_passes == 0 or self.pass_logit(bid_features(cfp, context, bid)) <= 0.0:
-            return bid
+        if self.speeds:
+            bids, rows = speed_features(cfp, context, speeds)
+            out = self.outputs(rows)
+            best = int(np.argmax(out[:, 0]))  # the first (own speed) wins a tie
+            bid, speed, logit = bids[best], speeds[best], float(out[best, 1])
+        else:
+            bid, speed = honest_bid(cfp, context), context.speed
+            logit = self.pass_logit(bid_features(cfp, context, bid)) if self.max_passes else 0.0
+        if self.max_passes == 0 or logit <= 0.0:
+            return bid, speed
         key = (context.machine, cfp.job, cfp.op)
         passed = self._passes.pop(key, 0)
         if passed >= self.max_passes:
             self._passes[key] = passed
-            return bid
+            return bid, speed
         self._passes[key] = passed + 1
         self.passed += 1
         while len(self._passes) > self.memory:
@@ -240,7 +364,9 @@ class LearnedBidding:
             i += nw + b.size
         if i != theta.size:
             raise ValueError(f"expected {i} weights, got {theta.size}")
-        return LearnedBidding(layers, self.meta, max_passes=self.max_passes, memory=self.memory)
+        return LearnedBidding(
+            layers, self.meta, max_passes=self.max_passes, memory=self.memory, speeds=self.speeds
+        )
 
 
 # --------------------------------------------------------------------------- the file
@@ -249,16 +375,21 @@ class LearnedBidding:
 def save_bidding_policy(
     policy: LearnedBidding, path: str | Path, meta: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write the weights, :data:`FEATURES`, ``max_passes`` and ``meta`` (JSON) to ``path``."""
+    """Write the weights, the feature layout, ``max_passes``, ``speeds`` and ``meta``
+    (JSON) to ``path``: format version 2 for a speed chooser, 1 for a gate (so a reader
+    of version 1 still reads every gate)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    version = 2 if policy.speeds else 1
     arrays: dict[str, Any] = {
         "kind": np.asarray(KIND),
-        "format_version": np.asarray(FORMAT_VERSION),
-        "layout": np.asarray(FEATURES),
+        "format_version": np.asarray(version),
+        "layout": np.asarray(_LAYOUTS[version][0]),
         "max_passes": np.asarray(policy.max_passes),
         "meta": np.asarray(json.dumps({**policy.meta, **(meta or {})}, sort_keys=True)),
     }
+    if policy.speeds:
+        arrays["speeds"] = np.asarray(policy.speeds)
     for i, (w, b) in enumerate(policy.layers):
         arrays[f"w{i}"] = w.astype(np.float32)
         arrays[f"b{i}"] = b.astype(np.float32)
@@ -277,12 +408,14 @@ def is_bidding_file(path: str | Path) -> bool:
 
 
 def read_bidding_file(path: str | Path) -> LearnedBidding:
-    """Read a bidding policy written by :func:`save_bidding_policy`.
+    """Read a bidding policy written by :func:`save_bidding_policy` (format version 1, a
+    gate, or 2, a speed chooser).
 
     Raises:
         BiddingLoadError: The file is missing, not an ``.npz``, not a bidding policy, of
-            another format version, made for another feature layout, or holds bad
-            weights. The message names the file and gives what was expected and found.
+            an unknown format version, with a bad ``speeds``, made for another feature
+            layout, or holds bad weights. The message names the file and gives what was
+            expected and found.
     """
     where = repr(str(path))
     try:
@@ -294,14 +427,15 @@ def read_bidding_file(path: str | Path) -> LearnedBidding:
                     f"{where} is not a bidding policy: expected kind {KIND!r}, found {kind!r}"
                 )
             version = int(data["format_version"]) if "format_version" in files else None
-            if version != FORMAT_VERSION:
+            if version not in _LAYOUTS:
                 raise BiddingLoadError(
                     f"{where} has an unknown bidding format: expected format_version "
-                    f"{FORMAT_VERSION}, found {version}"
+                    f"{' or '.join(map(str, _LAYOUTS))}, found {version}"
                 )
             layout = [str(name) for name in data["layout"]]
             meta = json.loads(str(data["meta"])) if "meta" in files else {}
             max_passes = int(data["max_passes"])
+            speeds = int(data["speeds"]) if version >= 2 else 0
             n = sum(1 for key in files if key.startswith("w"))
             layers = [(data[f"w{i}"], data[f"b{i}"]) for i in range(n)]
     except BiddingLoadError:
@@ -310,15 +444,15 @@ def read_bidding_file(path: str | Path) -> LearnedBidding:
         raise BiddingLoadError(f"{where} does not exist") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise BiddingLoadError(f"{where} is not a readable bidding policy file: {exc}") from None
-    if layout != list(FEATURES):
+    expected = list(_LAYOUTS[version][0])
+    if layout != expected:
         raise BiddingLoadError(
-            f"{where} was trained on another feature layout: expected {list(FEATURES)}, "
-            f"found {layout}"
+            f"{where} was trained on another feature layout: expected {expected}, found {layout}"
         )
     if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in layers):
         raise BiddingLoadError(f"{where} holds non-finite weights")
     try:
-        return LearnedBidding(layers, meta, max_passes=max_passes)
+        return LearnedBidding(layers, meta, max_passes=max_passes, speeds=speeds)
     except ValueError as exc:
         raise BiddingLoadError(f"{where}: {exc}") from None
 
@@ -509,6 +643,8 @@ def train_bidding(
     init_std: float = 1.0,
     hidden: int = 0,
     max_passes: int = 2,
+    speeds: int = 0,
+    stay: float = 4.0,
     seed: int = 0,
     validation: Sequence[int] = (),
     progress: Callable[[int, float], None] | None = None,
@@ -524,19 +660,29 @@ def train_bidding(
     there is kept, which guards against a gate that only fits the training seeds' luck.
     Either way the rule itself is a candidate, so the kept policy is never worse than the
     rule on the seeds it was chosen on. ``hidden`` > 0 puts one tanh layer of that width
-    in the network. ``progress(iteration, best)`` is called after each iteration.
+    in the network. ``speeds`` > 0 searches a speed chooser over that many evenly spaced
+    speeds (besides the machine's own) instead of a gate; its start scores each speed
+    ``-stay x change_sq`` (with no hidden layer; 0 with one), so the machine's own speed
+    wins, and never passes: the rule again.
+    ``progress(iteration, best)`` is called after each iteration.
     """
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    n = len(FEATURES)
+    features, outputs = LearnedBidding.layout_of(speeds)
+    n = len(features)
+    never_pass = np.zeros(outputs)
+    never_pass[-1] = -1.0
     if hidden > 0:
         shapes: Layers = [
             (np.zeros((n, hidden)), np.zeros(hidden)),
-            (np.zeros((hidden, 1)), np.full(1, -1.0)),
+            (np.zeros((hidden, outputs)), never_pass),
         ]
     else:
-        shapes = [(np.zeros((n, 1)), np.full(1, -1.0))]
-    template = LearnedBidding(shapes, max_passes=max_passes)
+        w = np.zeros((n, outputs))
+        if speeds:
+            w[features.index("change_sq"), 0] = -stay
+        shapes = [(w, never_pass)]
+    template = LearnedBidding(shapes, max_passes=max_passes, speeds=speeds)
     rule = [run_episode(RuleBasedBidding(), s).cost for s in seeds]
     rule_validation = [run_episode(RuleBasedBidding(), s).cost for s in validation]
     episodes = len(seeds) + len(validation)
@@ -587,6 +733,9 @@ def train_bidding(
         "elite": elite,
         "init_std": init_std,
         "hidden": hidden,
+        "speeds": speeds,
+        "stay": stay,
+        "max_passes": max_passes,
         "seed": seed,
         "validation_seeds": list(validation),
         "best_mean_delta": best,

@@ -121,3 +121,34 @@ def test_plant_to_wall_never_sets_a_timer_in_place():
     assert plant_to_wall(100.0, now, 60.0) == now.wall
     assert plant_to_wall(100.0 + 1e-9, now, 60.0) > now.wall
     assert plant_to_wall(160.0, now, 60.0) == pytest.approx(now.wall + 1.0)
+
+
+def test_budget_shrinks_while_power_is_dear():
+    """Demand response: at or above expensive_per_kwh only a fraction of the budget is
+    granted; a request that only fits the full budget waits for the cheap hours."""
+    prices = tuple(0.30 if 2 <= h < 4 else 0.10 for h in range(24))
+    agent = EnergyAgent(
+        "energy",
+        S,
+        10_000.0,
+        tariff=Tariff(prices, shift_start_hour=0.0),
+        expensive_per_kwh=0.25,
+        expensive_budget_fraction=0.5,
+        expiry_factor=1.0,
+        expiry_margin_seconds=0.0,
+    )
+    assert agent.budget_at(3600.0) == 10_000.0
+    assert agent.budget_at(2.5 * 3600) == 5_000.0
+    dear = Now(10.0, 2.5 * 3600)
+    assert isinstance(ask(agent, request("r1", 4_000.0), dear), PowerGrant)
+    deny = ask(agent, request("r2", 6_000.0, machine="m2", job="j2"), dear)
+    assert isinstance(deny, PowerDeny)
+    assert "dear" in deny.reason
+    assert deny.retry_at == pytest.approx(4 * 3600.0)  # the cheap hours come back first
+    # After the dear hours the full budget is there again.
+    cheap = Now(20.0, 4 * 3600.0 + 1.0)
+    assert isinstance(ask(agent, request("r3", 6_000.0, machine="m2", job="j2"), cheap), PowerGrant)
+    with pytest.raises(ValueError, match="fraction"):
+        EnergyAgent("e", S, 1.0, expensive_budget_fraction=0.0)
+    with pytest.raises(ValueError, match="needs the tariff"):
+        EnergyAgent("e", S, 1.0, expensive_per_kwh=0.2)

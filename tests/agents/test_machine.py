@@ -8,7 +8,14 @@ import math
 import pytest
 
 from autofab.agents.base import Now
-from autofab.agents.bidding import BidContext, BiddingPolicy, MachineSpec, RuleBasedBidding
+from autofab.agents.bidding import (
+    BidContext,
+    BiddingPolicy,
+    MachineSpec,
+    RuleBasedBidding,
+    SpeedBiddingPolicy,
+    honest_bid,
+)
 from autofab.agents.energy import Tariff
 from autofab.agents.machine import MachineAgent, MachineHost
 from autofab.agents.protocol import (
@@ -341,3 +348,122 @@ def test_numbered_order_is_started_by_number_and_finished_by_telemetry(mill):
     assert mill.active_operation() is None
     # The same counter again is not a second completion.
     assert messages(mill.handle(S.telemetry("mill-1"), finished, Now(7.0, 660.0)), InformDone) == []
+
+
+class FixedSpeed:
+    """A speed-choosing policy that bids every capable call at one speed (priced at the
+    machine's own speed when that one is outside its limits)."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+
+    def bid(self, cfp: CallForProposals, context: BidContext) -> Bid | None:
+        return RuleBasedBidding().bid(cfp, context)
+
+    def bid_with_speed(
+        self, cfp: CallForProposals, context: BidContext
+    ) -> tuple[Bid, float] | None:
+        if cfp.capability not in context.spec.capabilities:
+            return None
+        spec = context.spec
+        inside = spec.speed_min <= self.speed <= spec.speed_max
+        return honest_bid(cfp, context, self.speed if inside else None), self.speed
+
+
+def test_honest_bid_prices_the_speed_it_is_given():
+    plant = compile_plant(CONFIG)
+    spec = MachineSpec.from_plant(plant, "mill-1")
+    tariff = Tariff.from_plant(CONFIG)
+    context = BidContext("mill-1", spec, 1.0, 0.8, queue_end_at=300.0, now=100.0, tariff=tariff)
+    slow = honest_bid(cfp(), context, 0.75)
+    assert slow.finish_at == pytest.approx(300.0 + 600.0 / 0.75)
+    power = spec.running_power_w(0.75, 1.0, 0.8)
+    assert slow.energy_cost == pytest.approx(tariff.cost(power, 300.0, 800.0))
+    mid = 0.8 - spec.wear_rate(0.75, 1.0) * 400
+    assert slow.health_risk == pytest.approx(1 - math.exp(-spec.hazard(mid) * 800))
+    assert honest_bid(cfp(), context) == honest_bid(cfp(), context, 1.0)
+    with pytest.raises(ValueError, match=r"speed 2.0 of mill-1 is outside \[0.6, 1.3\]"):
+        honest_bid(cfp(), context, 2.0)
+
+
+def test_a_chosen_speed_is_bid_kept_and_run_at():
+    mill = MachineAgent.from_plant("mill-1", CONFIG, speedup=60.0, policy=FixedSpeed(0.8))
+    assert isinstance(mill.policy, SpeedBiddingPolicy)
+    (out,) = mill.handle(S.cfp("mill"), cfp(), Now(1.0, 50.0))
+    assert out.message.finish_at == pytest.approx(50.0 + 600.0 / 0.8)
+    assert mill.bid_speeds == {"r1": 0.8}
+    accept = Accept(round_id="r1", machine="mill-1", job="j1", op=0)
+    (req,) = messages(mill.handle(S.award("r1"), accept, Now(1.0, 50.0)), PowerRequest)
+    (task,) = mill.queue
+    assert (task.speed, mill.speed, mill.bid_speeds) == (0.8, 1.0, {})
+    assert req.power_w == pytest.approx(mill.spec.running_power_w(0.8, 1.0, 1.0))
+    assert req.duration_seconds == pytest.approx(750.0)
+    assert mill.queue_end_at(Now(1.0, 50.0)) == pytest.approx(800.0)
+    # The next bid queues behind the slow one, at its own chosen speed.
+    (nxt,) = mill.handle(S.cfp("mill"), cfp(round_id="r2", job="j2"), Now(1.0, 50.0))
+    assert nxt.message.finish_at == pytest.approx(800.0 + 750.0)
+    grant = PowerGrant(request_id=req.request_id, machine="mill-1", power_w=1, until_at=1e4)
+    out = mill.handle(S.energy_reply("mill-1"), grant, Now(1.2, 60.0))
+    assert [(s.variable, s.value) for s in messages(out, SetpointRequest)] == [
+        ("speed_setpoint", 0.8),
+        ("run", 1.0),
+    ]
+    assert task.finish_at == pytest.approx(60.0 + 750.0)
+    mill.operation_finished("j1", 0, Now(14.0, 810.0))
+    assert mill.health == pytest.approx(1.0 - mill.spec.wear_rate(0.8, 1.0) * 750.0)
+
+
+def test_a_chosen_speed_survives_snapshot_and_restore():
+    mill = MachineAgent.from_plant("mill-1", CONFIG, speedup=60.0, policy=FixedSpeed(0.7))
+    start(mill, cfp())
+    mill.handle(S.cfp("mill"), cfp(round_id="r2", job="j2"), Now(1.3, 15.0))
+    state = json.loads(json.dumps(mill.snapshot()))
+    fresh = MachineAgent.from_plant("mill-1", CONFIG, speedup=60.0)
+    fresh.restore(state)
+    assert fresh.queue[0].speed == 0.7
+    assert fresh.bid_speeds == {"r2": 0.7}
+    accept = Accept(round_id="r2", machine="mill-1", job="j2", op=0)
+    fresh.handle(S.award("r2"), accept, Now(1.4, 20.0))
+    assert [t.speed for t in fresh.queue] == [0.7, 0.7]
+    again = fresh.on_timer(Now(1.2 + fresh.start_confirm_seconds, 30.0))
+    assert messages(again, SetpointRequest) == []  # not numbered: nothing to confirm
+    fresh.queue[0].plant_job = 4
+    fresh._plant_started = False
+    again = fresh.on_timer(Now(1.2 + fresh.start_confirm_seconds, 30.0))
+    assert ("speed_setpoint", 0.7) in [
+        (s.variable, s.value) for s in messages(again, SetpointRequest)
+    ]
+
+
+def test_a_snapshot_from_before_per_task_speeds_runs_at_the_machine_speed(mill):
+    start(mill, cfp())
+    mill.handle(S.cfp("mill"), cfp(round_id="r2", job="j2"), Now(1.3, 15.0))
+    state = json.loads(json.dumps(mill.snapshot()))
+    for task in state["queue"]:
+        del task["speed"]
+    del state["bid_speeds"]
+    fresh = MachineAgent.from_plant("mill-1", CONFIG, speedup=60.0, speed=0.9)
+    fresh.restore({**state, "speed": 0.9})
+    assert fresh.queue[0].speed is None
+    assert fresh.queue[0].duration(fresh.speed) == pytest.approx(600.0 / 0.9)
+    assert fresh.bid_speeds == {"r2": 0.9}
+    out = fresh.operation_finished("j1", 0, Now(11.0, 612.0))
+    assert len(messages(out, InformDone)) == 1
+
+
+@pytest.mark.parametrize(("asked", "runs"), [(2.0, 1.3), (0.1, 0.6)])
+def test_a_speed_outside_the_limits_is_clamped_and_priced_again(asked, runs):
+    mill = MachineAgent.from_plant("mill-1", CONFIG, policy=FixedSpeed(asked))
+    bid = mill.make_bid(cfp(), Now(1.0, 0.0))
+    assert bid is not None
+    context = BidContext("mill-1", mill.spec, 1.0, 1.0, 0.0, 0.0, mill.tariff)
+    assert bid == honest_bid(cfp(), context, runs)
+    assert mill.bid_speeds == {"r1": runs}
+    assert mill.ignored["speed_clamped"] == 1
+
+
+def test_a_speed_that_is_not_a_number_is_not_bid():
+    mill = MachineAgent.from_plant("mill-1", CONFIG, policy=FixedSpeed(math.nan))
+    assert mill.handle(S.cfp("mill"), cfp(), Now(1.0, 0.0)) == []
+    assert mill.bids == {}
+    assert mill.ignored["speed_not_finite"] == 1

@@ -206,9 +206,21 @@ def test_silent_winner_is_withdrawn_and_the_operation_announced_again():
     assert only(out, Reject).machines == ["m1"]
     assert only(out, CallForProposals).round_id != call.round_id
     assert agent.reannounced == {"timeout": 1}
-    # The old winner's late result changes nothing.
-    assert agent.handle(S.result(call.round_id), done(call, "m1"), Now(90, 900)) == []
-    assert agent.ignored["stale_result"] == 1
+    again = only(out, CallForProposals)
+    # A late result from the old winner (delayed, not lost) is taken while the job still
+    # waits for that operation: the round announced in its place is called off and the
+    # next operation announced, so the operation is not done twice.
+    t = rnd.result_wall
+    agent.handle(S.bid(again.round_id), proposal(again.round_id, "m2", 900.0), Now(t, 800))
+    late = agent.handle(S.result(call.round_id), done(call, "m1"), Now(t + 0.1, 801))
+    assert only(late, Reject).machines == ["m2"]
+    assert only(late, CallForProposals).op == 1
+    assert agent.ignored["late_result_taken"] == 1
+    assert agent.reannounced["superseded"] == 1
+    assert [(c.job, c.op) for c in agent.completions] == [(call.job, 0)]
+    # Once more is a duplicate, and a result from another machine never counts.
+    assert agent.handle(S.result(call.round_id), done(call, "m1"), Now(t + 0.2, 802)) == []
+    assert agent.ignored.get("duplicate_done", 0) + agent.ignored.get("stale_result", 0) == 1
 
 
 def test_late_duplicate_and_stray_messages_are_ignored_and_counted():
