@@ -86,7 +86,6 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Client, Node, ua
-from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from common import environment_info, header, markdown_table, spread, write_report
 from negotiation import bench_plant, percentile, positive_float, positive_int
 
@@ -94,7 +93,7 @@ from autofab.agents.protocol import SetpointRequest, Subjects, encode
 from autofab.control.bus import EXPIRES_HEADER, Bus
 from autofab.control.natsd import EmbeddedNats
 from autofab.control.opcua.nodemap import NodeMap, load_nodemap
-from autofab.control.opcua.security import ensure_client_files
+from autofab.control.opcua.security import secure_client as new_secure_client
 from autofab.control.opcua.twin import PlantTwin, TwinSettings
 from autofab.control.opcua.writer import PlantCredentials
 from autofab.control.supervisor import SupervisorLimits
@@ -128,19 +127,11 @@ def serve_twin(machines: int, tick_s: float, cert_dir: str, ready: Any) -> None:
 
 async def secure_client(endpoint: str, cert_dir: Path, name: str, login: bool) -> Client:
     """A Basic256Sha256 SignAndEncrypt client; with ``login``, the supervisor's login."""
-    client = Client(endpoint, timeout=5)
+    client = await new_secure_client(endpoint, cert_dir, name, timeout=5)
     if login:
         creds = PlantCredentials.from_cert_dir(cert_dir, name)
         client.set_user(creds.username)
         client.set_password(creds.password)
-    files = ensure_client_files(cert_dir, name)
-    client.application_uri = f"urn:autofab:{name}"
-    await client.set_security(
-        SecurityPolicyBasic256Sha256,
-        str(files.certificate),
-        str(files.private_key),
-        mode=ua.MessageSecurityMode.SignAndEncrypt,
-    )
     await client.connect()
     return client
 

@@ -42,7 +42,7 @@ from asyncua import Client
 
 from autofab.agents.protocol import MachineStatusName, Subjects, Telemetry
 from autofab.control.bus import Bus
-from autofab.control.opcua.nodemap import NodeMap, NodeMapError
+from autofab.control.opcua.nodemap import MACHINE_WORK_TELEMETRY, NodeMap, NodeMapError
 from autofab.control.opcua.security import secure_client
 
 __all__ = ["GatewayStats", "TelemetryGateway", "telemetry_from_values"]
@@ -64,14 +64,7 @@ READ_VARIABLES: Final[tuple[str, ...]] = (
     "temperature",
     "power",
     "ops_done",
-    "load",
-    "run_seconds",
-    "renewals",
-    "job",
-    "op",
-    "last_job",
-    "last_op",
-    "last_defect",
+    *MACHINE_WORK_TELEMETRY,
 )
 #: What the gateway monitors (data-change subscription); the rest is read on refresh.
 MONITORED: Final[frozenset[str]] = frozenset(

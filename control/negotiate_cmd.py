@@ -237,6 +237,24 @@ def remove_runtime_file(plant: str, pid: int | None = None) -> None:
             path.unlink()
 
 
+def check_server_options(
+    plant: str, nats_url: str | None, user: str | None, password: str | None
+) -> None:
+    """Refuse (exit 2) a login without ``--nats-url``, and a second run of a plant that is
+    already running here (its runtime file names a live process)."""
+    if nats_url is None and (user is not None or password is not None):
+        fail("--user and --password go with --nats-url (the embedded server makes its own)")
+    try:
+        running: RuntimeInfo | None = read_runtime_file(plant)
+    except ValueError:
+        running = None
+    if running is not None:
+        fail(
+            f"plant {plant!r} is already running in process {running.pid} (runtime "
+            f"file {str(runtime_file(plant))!r}); stop it first"
+        )
+
+
 async def connect_bus(
     endpoint: NatsEndpoint, *, settings: BusSettings | None = None, timeout: float = 5.0
 ) -> Bus:
@@ -1152,17 +1170,7 @@ def negotiate(
             speedup=speedup, hosts=hosts, seed=seed, breakdowns=breakdowns
         )
         planned = [] if orders == 0 else config_orders(plant, seed, orders)
-    if nats_url is None and (user is not None or password is not None):
-        fail("--user and --password go with --nats-url (the embedded server makes its own)")
-    try:
-        running: RuntimeInfo | None = read_runtime_file(plant.name)
-    except ValueError:
-        running = None
-    if running is not None:
-        fail(
-            f"plant {plant.name!r} is already running in process {running.pid} (runtime "
-            f"file {str(runtime_file(plant.name))!r}); stop it first"
-        )
+    check_server_options(plant.name, nats_url, user, password)
     folder = out or Path("runs") / f"{plant.name}__negotiate__{seed}__{int(time.time())}"
     awards_path = log_path or folder / "awards.json"
     endpoint = None if nats_url is None else NatsEndpoint(nats_url, user, password)

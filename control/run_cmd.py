@@ -72,11 +72,10 @@ from autofab.control.negotiate_cmd import (
     _hm,
     _quiet_logging,
     _sigint_sets,
+    check_server_options,
     config_orders,
     connect_bus,
-    read_runtime_file,
     remove_runtime_file,
-    runtime_file,
     write_runtime_file,
 )
 from autofab.control.opcua.twin import PlantTwin, TwinSettings
@@ -964,17 +963,7 @@ def run(
             from autofab.agents.policies.bidding_policy import load_bidding_policy
 
             load_bidding_policy(policy)  # refuse a bad policy before anything starts
-    if nats_url is None and (user is not None or password is not None):
-        fail("--user and --password go with --nats-url (the embedded server makes its own)")
-    try:
-        running = read_runtime_file(plant.name)
-    except ValueError:
-        running = None
-    if running is not None:
-        fail(
-            f"plant {plant.name!r} is already running in process {running.pid} (runtime "
-            f"file {str(runtime_file(plant.name))!r}); stop it first"
-        )
+    check_server_options(plant.name, nats_url, user, password)
     _quiet_logging()
     if compare is not None:
         names = [c.strip() for c in compare.split(",") if c.strip()]
