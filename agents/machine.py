@@ -96,6 +96,9 @@ from autofab.envs.plant import PlantConfig, compile_plant
 
 __all__ = ["MachineAgent", "MachineHost", "Task"]
 
+#: How many stopped operations a machine remembers (one or two is the most it can hold).
+_STOPPED_KEEP = 8
+
 
 @dataclass
 class Task:
@@ -197,6 +200,9 @@ class MachineAgent(Agent):
         self.bid_speeds: dict[str, float] = {}
         #: Rounds finished, failed or withdrawn here: a late Accept for one is ignored.
         self.closed: OrderedDict[str, None] = OrderedDict()
+        #: Running operations whose award was withdrawn, by (job, op): if the plant
+        #: finishes one anyway, it is reported (:meth:`_stopped_finished`).
+        self.stopped: dict[tuple[str, int], Task] = {}
         #: Material reservations used up by an operation that started: never released.
         self.consumed: OrderedDict[str, None] = OrderedDict()
         self.completed = 0
@@ -397,12 +403,41 @@ class MachineAgent(Agent):
         if t.ops_done is None:
             return []
         seen, self._ops_done = self._ops_done, t.ops_done
-        if seen is None or t.ops_done <= seen or head is None or head.plant_job is None:
+        if seen is None or t.ops_done <= seen:
             return []
-        if (t.last_plant_job, t.last_plant_op) != (head.plant_job, head.op):
-            self._count("plant_finished_other")
+        if head is None or (t.last_plant_job, t.last_plant_op) != (head.plant_job, head.op):
+            for (job, op), task in list(self.stopped.items()):
+                if (task.plant_job, op) == (t.last_plant_job, t.last_plant_op):
+                    return self._stopped_finished(job, op, now, t.last_defect)
+            if head is not None:
+                self._count("plant_finished_other")
+            return []
+        if head.plant_job is None:
             return []
         return self.operation_finished(head.job, head.op, now, defect=t.last_defect)
+
+    def _stopped_finished(self, job: str, op: int, now: Now, defect: bool) -> list[Outgoing]:
+        """The plant finished an operation this machine was told to drop (its award was
+        withdrawn while it ran): the work is done all the same, so say so. The scheduler
+        takes it while the job still waits for that operation, and calls off the round
+        announced in its place; otherwise it counts it as stale."""
+        task = self.stopped.pop((job, op), None)
+        if task is None or task.started_at is None:
+            self._count("finish_unknown")
+            return []
+        self._count("finished_after_stop")
+        run = max(now.plant - task.started_at, 0.0)
+        done = InformDone(
+            round_id=task.round_id,
+            machine=self.name,
+            job=job,
+            op=op,
+            started_at=task.started_at,
+            finished_at=max(now.plant, task.started_at),
+            energy_j=task.power_w * run,
+            defect=defect,
+        )
+        return [Outgoing(self.subjects.result(task.round_id), done)]
 
     def operation_finished(
         self, job: str, op: int, now: Now, defect: bool = False
@@ -411,8 +446,7 @@ class MachineAgent(Agent):
         release, take the next one."""
         task = self.active_operation()
         if task is None or (task.job, task.op) != (job, op):
-            self._count("finish_unknown")
-            return []
+            return self._stopped_finished(job, op, now, defect)
         assert task.started_at is not None
         self.queue.pop(0)
         bounded_add(self.closed, task.round_id, self.memory)
@@ -511,6 +545,12 @@ class MachineAgent(Agent):
                 bounded_add(self.closed, task.round_id, self.memory)
                 out = self._release(task)
                 if task.running:
+                    # Stopped, but it may finish anyway (a cycle stop lets the running
+                    # operation end, and the stop may cross the finish): keep it, so a
+                    # finish the plant reports is still told to the scheduler.
+                    self.stopped[(task.job, task.op)] = task
+                    while len(self.stopped) > _STOPPED_KEEP:
+                        self.stopped.pop(next(iter(self.stopped)))
                     out.append(self._setpoint("run", 0.0, now))
                 return out + self._advance(now)
         return []
@@ -681,6 +721,7 @@ class MachineAgent(Agent):
             "seq": self._seq,
             "ops_done": self._ops_done,
             "plant_started": self._plant_started,
+            "stopped": [asdict(t) for t in self.stopped.values()],
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -699,6 +740,8 @@ class MachineAgent(Agent):
         self._seq = int(state["seq"])
         self._ops_done = state.get("ops_done")
         self._plant_started = bool(state.get("plant_started", False))
+        stopped = [Task(**t) for t in state.get("stopped", [])]
+        self.stopped = {(t.job, t.op): t for t in stopped}
         self._next_report = 0.0
 
 

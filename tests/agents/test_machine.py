@@ -467,3 +467,18 @@ def test_a_speed_that_is_not_a_number_is_not_bid():
     assert mill.handle(S.cfp("mill"), cfp(), Now(1.0, 0.0)) == []
     assert mill.bids == {}
     assert mill.ignored["speed_not_finite"] == 1
+
+
+def test_finish_after_a_withdrawal_is_still_reported(mill):
+    """A withdrawn award whose operation the plant finishes anyway (the stop crossed the
+    finish) is reported, so the scheduler can take it instead of having it done twice."""
+    start(mill, cfp())
+    out = mill.handle(
+        S.award("r1"), Reject(round_id="r1", machines=["mill-1"], reason="withdrawn"), AWARDED_AT
+    )
+    assert [s.value for s in messages(out, SetpointRequest)] == [0.0]
+    (done,) = messages(mill.operation_finished("j1", 0, Now(11.0, 612.0)), InformDone)
+    assert (done.round_id, done.job, done.op) == ("r1", "j1", 0)
+    assert mill.ignored["finished_after_stop"] == 1
+    assert mill.operation_finished("j1", 0, Now(12.0, 620.0)) == []  # once only
+    assert mill.ignored["finish_unknown"] == 1
