@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 import typer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -131,6 +132,94 @@ class RunSettings:
             raise ValueError(f"kv_replicas: expected 1 to 5, got {self.kv_replicas!r}")
         if self.num_cpus < 0 or self.max_restarts < 0:
             raise ValueError("num_cpus and max_restarts must be >= 0")
+
+
+class _RunFileModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NatsSection(_RunFileModel):
+    """``nats:`` of a run file: an existing server or cluster (the password comes from
+    ``AUTOFAB_NATS_PASSWORD``, never from the file)."""
+
+    url: str = Field(min_length=1)
+    user: str | None = None
+    kv_replicas: int = Field(1, ge=1, le=5)
+
+
+class PlantSection(_RunFileModel):
+    """``plant:`` of a run file: a real plant (any OPC UA server) instead of the twin."""
+
+    nodemap: Path
+    cert_dir: Path
+    endpoint: str | None = None
+
+
+class RaySection(_RunFileModel):
+    """``ray:`` of a run file: an existing cluster to join."""
+
+    address: str = Field(min_length=1)
+
+
+class RunFile(_RunFileModel):
+    """A run file: where the servers of a deployment are, beside the plant config.
+
+    ``autofab run FILE`` takes it where it takes a plant config; the file is a run file when
+    it has ``plant_config``. Command-line flags win over the file.
+
+    .. code-block:: yaml
+
+        plant_config: configs/plant100.yaml     # a path (relative to this file) or a name
+        nats: {url: "nats://nats-1:4222", user: autofab, kv_replicas: 3}
+        plant: {endpoint: "opc.tcp://plc:4840", nodemap: acme-nodemap.json, cert_dir: certs}
+        ray: {address: "head:6379"}
+    """
+
+    plant_config: str = Field(min_length=1)
+    nats: NatsSection | None = None
+    plant: PlantSection | None = None
+    ray: RaySection | None = None
+
+
+def load_run_source(source: str) -> tuple[PlantConfig, RunFile | None]:
+    """A plant config, or a run file and the plant config it names.
+
+    Raises:
+        ValueError: a file that is neither, naming the file and the key at fault.
+    """
+    path = Path(source)
+    data: Any = None
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{source}: not valid YAML: {exc}") from None
+    if not (isinstance(data, dict) and "plant_config" in data):
+        return load_plant(source), None
+    try:
+        run_file = RunFile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"run file {source}: {where}: {first['msg']}") from None
+    base = path.parent
+    named = base / run_file.plant_config
+    plant = load_plant(str(named) if named.is_file() else run_file.plant_config)
+    if run_file.plant is not None:
+        section = run_file.plant
+        run_file = run_file.model_copy(
+            update={
+                "plant": section.model_copy(
+                    update={
+                        "nodemap": base / section.nodemap.expanduser(),
+                        "cert_dir": base / section.cert_dir.expanduser(),
+                    }
+                )
+            }
+        )
+    return plant, run_file
 
 
 @dataclass
@@ -858,7 +947,10 @@ async def _compare(
 def run(
     config: Annotated[
         str,
-        typer.Argument(help="A plant YAML file, or a shipped plant name such as 'demo'."),
+        typer.Argument(
+            help="A plant YAML file, a shipped plant name such as 'demo', or a run file "
+            "(plant_config plus the nats, plant and ray servers to use)."
+        ),
     ] = "demo",
     duration: Annotated[
         str | None,
@@ -912,14 +1004,16 @@ def run(
         typer.Option("--endpoint", help="The plant's OPC UA endpoint (overrides the map's)."),
     ] = None,
     kv_replicas: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--kv-replicas",
             min=1,
             max=5,
-            help="Replicas of the agent-state bucket (3 on a three-node NATS cluster).",
+            help="Replicas of the agent-state bucket (3 on a three-node NATS cluster) "
+            "[default: the run file's, else 1].",
+            show_default=False,
         ),
-    ] = 1,
+    ] = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view.")] = True,
     compare: Annotated[
         str | None,
@@ -939,7 +1033,16 @@ def run(
     secured. Ctrl-C stops everything cleanly and prints the report.
     """
     with user_errors():
-        plant = load_plant(config)
+        plant, run_file = load_run_source(config)
+        if run_file is not None:  # the file's servers, where the flags name none
+            if run_file.nats is not None and nats_url is None:
+                nats_url, user = run_file.nats.url, user or run_file.nats.user
+                kv_replicas = kv_replicas or run_file.nats.kv_replicas
+            if run_file.plant is not None and nodemap is None:
+                nodemap, endpoint = run_file.plant.nodemap, endpoint or run_file.plant.endpoint
+                cert_dir = cert_dir or run_file.plant.cert_dir
+            if run_file.ray is not None and ray_address is None:
+                ray_address = run_file.ray.address
         settings = RunSettings(
             duration_s=parse_duration(duration) if duration else plant.horizon_seconds,
             speedup=speedup,
@@ -949,7 +1052,7 @@ def run(
             nats=None if nats_url is None else NatsEndpoint(nats_url, user, password),
             policy=None if policy == "rules" else policy,
             cert_dir=cert_dir,
-            kv_replicas=kv_replicas,
+            kv_replicas=kv_replicas or 1,
             nodemap=nodemap,
             endpoint=endpoint,
         )

@@ -387,3 +387,49 @@ def test_ctrl_c_stops_everything_and_reports(private_dirs: Path, tmp_path: Path)
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
     ]
     assert alive == [], [psutil.Process(p).cmdline() for p in alive]
+
+
+def test_run_file_names_the_servers(cli: CliRunner, tmp_path: Path) -> None:
+    """A run file: the plant config plus the servers; its keys are checked, its paths are
+    relative to it, and its NATS server is the one used (here a port that is not NATS)."""
+    from autofab.control.run_cmd import load_run_source
+
+    good = tmp_path / "run.yaml"
+    good.write_text(
+        "plant_config: demo\n"
+        "nats: {url: 'nats://127.0.0.1:1', user: autofab, kv_replicas: 3}\n"
+        "plant: {nodemap: maps/acme.json, cert_dir: certs, endpoint: 'opc.tcp://plc:4840'}\n"
+        "ray: {address: 'head:6379'}\n"
+    )
+    plant, run_file = load_run_source(str(good))
+    assert plant.name == "demo"
+    assert run_file is not None
+    assert run_file.nats is not None
+    assert run_file.nats.kv_replicas == 3
+    assert run_file.plant is not None
+    assert run_file.plant.nodemap == tmp_path / "maps" / "acme.json"
+    assert run_file.ray is not None
+    assert run_file.ray.address == "head:6379"
+    assert load_run_source("demo")[1] is None  # a plain plant config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plant_config: demo\nnats: {url: 'nats://x:4222', pasword: oops}\n")
+    result = cli.invoke(app, ["run", str(bad), "--no-live"])
+    assert result.exit_code == 2
+    assert "nats.pasword" in result.output
+
+    missing_map = tmp_path / "real.yaml"
+    missing_map.write_text("plant_config: demo\nplant: {nodemap: nope.json, cert_dir: certs}\n")
+    result = cli.invoke(app, ["run", str(missing_map), "--no-live"])
+    assert result.exit_code == 2
+    assert "nope.json" in result.output
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        server = tmp_path / "server.yaml"
+        server.write_text(f"plant_config: demo\nnats: {{url: 'nats://127.0.0.1:{port}'}}\n")
+        result = cli.invoke(app, ["run", str(server), "--no-live"])
+    assert result.exit_code == 3, result.output
+    assert f"127.0.0.1:{port}" in result.output
