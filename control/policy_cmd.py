@@ -10,6 +10,7 @@ policy from the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 from typing import Annotated
 
@@ -49,15 +50,21 @@ policy_app = typer.Typer(
 
 
 async def deploy_policy(
-    endpoint: NatsEndpoint, plant: str, policy: str, wait_s: float, requested_by: str
+    endpoint: NatsEndpoint,
+    plant: str,
+    policy: str,
+    wait_s: float,
+    requested_by: str,
+    expected: int | None = None,
 ) -> list[PolicyDeployed]:
     """Ask every machine host of ``plant`` to use ``policy``; the answers that came within
-    ``wait_s`` seconds, one per host."""
+    ``wait_s`` seconds (or until ``expected`` hosts answered), one per host."""
     from autofab.control.negotiate_cmd import connect_bus
 
     settings = BusSettings(name="autofab-policy", connect_timeout_s=min(wait_s, 2.0))
     bus = await connect_bus(endpoint, settings=settings, timeout=max(wait_s, 1.0))
     answers: dict[str, PolicyDeployed] = {}
+    enough = asyncio.Event()
     try:
         inbox = bus.client.new_inbox()
 
@@ -68,12 +75,15 @@ async def deploy_policy(
                 return
             if isinstance(answer, PolicyDeployed):
                 answers[answer.host] = answer
+                if expected is not None and len(answers) >= expected:
+                    enough.set()
 
         sub = await bus.client.subscribe(inbox, cb=on_answer)
         request = PolicyDeploy(policy=policy, requested_by=requested_by)
         await bus.client.publish(Subjects(plant).policy_deploy, encode(request), reply=inbox)
         await bus.client.flush()
-        await asyncio.sleep(wait_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(enough.wait(), wait_s)
         await sub.unsubscribe()
     finally:
         await bus.close()

@@ -85,8 +85,8 @@ def test_run_end_to_end_on_the_real_stack(private_dirs: Path, tmp_path: Path) ->
         machine host, a broken file is refused by each and the good one stays."""
         assert run.endpoint is not None
         plant = run.config.name
-        answers["good"] = await deploy_policy(run.endpoint, plant, "default", 2.0, "tester")
-        answers["bad"] = await deploy_policy(run.endpoint, plant, str(bad), 2.0, "tester")
+        answers["good"] = await deploy_policy(run.endpoint, plant, "default", 10.0, "t", 2)
+        answers["bad"] = await deploy_policy(run.endpoint, plant, str(bad), 10.0, "t", 2)
 
     settings = RunSettings(duration_s=3 * 3600.0, speedup=900.0, seed=1)
     outcome, report, run = _run(settings, swap_policies)
