@@ -218,13 +218,24 @@ def sampling_picker(
     ``greedy_copies`` copies take the greedy choice instead."""
 
     def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
-        scores = np.where(mask, policy.scores(job_features(obs, n_jobs)), -np.inf)
+        raw = policy.scores(job_features(obs, n_jobs))
+        if not np.isfinite(raw[mask]).all():
+            raise FloatingPointError(
+                "the dispatcher's scores are not finite (diverged weights?); "
+                "cannot sample a schedule"
+            )
+        scores = np.where(mask, raw, -np.inf)
         best = np.argmax(scores, axis=1)
         scores -= scores.max(axis=1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=1, keepdims=True)
         u = rng.random((p.shape[0], 1))
         chosen = np.minimum((p.cumsum(axis=1) < u).sum(axis=1), n_jobs - 1)
+        # A draw past the last cumulative sum (it can round to just below 1) would land on
+        # whatever job is last, valid or not: take the greedy one there instead.
+        rows = np.arange(len(chosen))
+        off = ~mask[rows, chosen]
+        chosen[off] = best[off]
         chosen[:greedy_copies] = best[:greedy_copies]
         return chosen
 

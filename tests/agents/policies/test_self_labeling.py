@@ -286,3 +286,32 @@ def test_sampling_keeps_the_best_schedule_and_never_loses_to_greedy(
     assert many.step_ms_p99 > 0
     with pytest.raises(ValueError, match="samples must be >= 1"):
         sample_schedule(policy, inst, 0)
+
+
+def test_sampling_never_picks_a_masked_job_even_at_the_top_of_the_draw() -> None:
+    """A draw just below 1 can pass the last cumulative sum (which rounds to just below
+    1): the picker must still choose a valid job (a training run once died on this)."""
+    from autofab.agents.policies.dispatcher import rollout, sampling_picker
+    from autofab.envs.instances import random_instance
+
+    class TopOfTheDraw:
+        def random(self, shape: tuple[int, int]) -> np.ndarray:
+            return np.full(shape, np.nextafter(1.0, 0.0))
+
+    policy = load_dispatcher(DEFAULT_DISPATCHER)
+    for seed in range(20):
+        inst = random_instance(7, 5, seed=seed)
+        pick = sampling_picker(policy, inst.n_jobs, TopOfTheDraw())  # type: ignore[arg-type]
+        run = rollout(inst, 16, pick)
+        assert np.isfinite(run.makespans).all()
+
+
+def test_sampling_refuses_non_finite_scores() -> None:
+    from autofab.agents.policies.dispatcher import rollout, sampling_picker
+    from autofab.envs.instances import random_instance
+
+    policy = load_dispatcher(DEFAULT_DISPATCHER)
+    broken = DispatcherPolicy([(np.full_like(w, np.nan), b) for w, b in policy.layers], policy.meta)
+    inst = random_instance(4, 3, seed=0)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        rollout(inst, 2, sampling_picker(broken, inst.n_jobs, np.random.default_rng(0)))
