@@ -74,6 +74,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from autofab.agents.bidding import BidContext, BiddingPolicy, RuleBasedBidding, honest_bid
+from autofab.agents.policies.dispatcher import (
+    layer_arrays,
+    layers_finite,
+    mlp_forward,
+    read_layers,
+)
 from autofab.agents.protocol import Bid, CallForProposals
 
 if TYPE_CHECKING:
@@ -296,13 +302,7 @@ class LearnedBidding:
 
     def outputs(self, features: NDArray[np.float64]) -> NDArray[np.float64]:
         """The network's outputs for feature rows ``(k, n)`` (or one row): ``(k, out)``."""
-        h = np.atleast_2d(features)
-        last = len(self.layers) - 1
-        for i, (w, b) in enumerate(self.layers):
-            h = h @ w + b
-            if i < last:
-                h = np.tanh(h)
-        return h
+        return mlp_forward(self.layers, np.atleast_2d(features))
 
     def pass_logit(self, features: NDArray[np.float64]) -> float:
         """The pass logit for one feature vector (of the layout): pass when > 0."""
@@ -390,9 +390,7 @@ def save_bidding_policy(
     }
     if policy.speeds:
         arrays["speeds"] = np.asarray(policy.speeds)
-    for i, (w, b) in enumerate(policy.layers):
-        arrays[f"w{i}"] = w.astype(np.float32)
-        arrays[f"b{i}"] = b.astype(np.float32)
+    arrays.update(layer_arrays(policy.layers))
     with out.open("wb") as fh:
         np.savez(fh, **arrays)
     return out
@@ -436,8 +434,7 @@ def read_bidding_file(path: str | Path) -> LearnedBidding:
             meta = json.loads(str(data["meta"])) if "meta" in files else {}
             max_passes = int(data["max_passes"])
             speeds = int(data["speeds"]) if version >= 2 else 0
-            n = sum(1 for key in files if key.startswith("w"))
-            layers = [(data[f"w{i}"], data[f"b{i}"]) for i in range(n)]
+            layers = read_layers(data)
     except BiddingLoadError:
         raise
     except FileNotFoundError:
@@ -449,7 +446,7 @@ def read_bidding_file(path: str | Path) -> LearnedBidding:
         raise BiddingLoadError(
             f"{where} was trained on another feature layout: expected {expected}, found {layout}"
         )
-    if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in layers):
+    if not layers_finite(layers):
         raise BiddingLoadError(f"{where} holds non-finite weights")
     try:
         return LearnedBidding(layers, meta, max_passes=max_passes, speeds=speeds)

@@ -141,13 +141,7 @@ class DispatcherPolicy:
 
     def scores(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
         """Logits for ``(..., N_FEATURES)`` features."""
-        h = features
-        last = len(self.layers) - 1
-        for i, (w, b) in enumerate(self.layers):
-            h = h @ w + b
-            if i < last:
-                h = np.tanh(h)
-        return h[..., 0]
+        return mlp_forward(self.layers, features)[..., 0]
 
     def __call__(self, obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> int:
         mask = np.asarray(mask, dtype=bool)
@@ -284,6 +278,44 @@ def sample_schedule(
     )
 
 
+# --- The .npz weight layers, shared by every numpy policy file ------------------------------
+
+#: ``(weight (in, out), bias (out,))`` per layer.
+Layers = Sequence[tuple[NDArray[Any], NDArray[Any]]]
+
+
+def mlp_forward(layers: Layers, x: NDArray[Any]) -> NDArray[Any]:
+    """``x @ w + b`` through every layer, tanh between them (not after the last)."""
+    h = x
+    last = len(layers) - 1
+    for i, (w, b) in enumerate(layers):
+        h = h @ w + b
+        if i < last:
+            h = np.tanh(h)
+    return h
+
+
+def layer_arrays(layers: Layers) -> dict[str, NDArray[Any]]:
+    """The layers as ``.npz`` entries ``w0, b0, w1, b1, ...`` (float32)."""
+    out: dict[str, NDArray[Any]] = {}
+    for i, (w, b) in enumerate(layers):
+        out[f"w{i}"] = np.asarray(w, dtype=np.float32)
+        out[f"b{i}"] = np.asarray(b, dtype=np.float32)
+    return out
+
+
+def read_layers(data: Any) -> list[tuple[NDArray[Any], NDArray[Any]]]:
+    """The layers of an open ``.npz`` written with :func:`layer_arrays` (KeyError if one
+    is missing)."""
+    n = sum(1 for key in data.files if key.startswith("w"))
+    return [(data[f"w{i}"], data[f"b{i}"]) for i in range(n)]
+
+
+def layers_finite(layers: Layers) -> bool:
+    """Whether every weight and bias is finite."""
+    return all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in layers)
+
+
 def save_dispatcher(
     policy: DispatcherPolicy, path: str | Path, meta: Mapping[str, Any] | None = None
 ) -> Path:
@@ -295,9 +327,7 @@ def save_dispatcher(
         "layout": np.asarray(layout_names()),
         "meta": np.asarray(json.dumps({**policy.meta, **(meta or {})}, sort_keys=True)),
     }
-    for i, (w, b) in enumerate(policy.layers):
-        arrays[f"w{i}"] = w
-        arrays[f"b{i}"] = b
+    arrays.update(layer_arrays(policy.layers))
     with out.open("wb") as fh:
         np.savez(fh, **arrays)
     return out
@@ -323,8 +353,7 @@ def load_dispatcher(path: str | Path) -> DispatcherPolicy:
                 )
             layout = [str(name) for name in data["layout"]]
             meta = json.loads(str(data["meta"])) if "meta" in files else {}
-            n = sum(1 for key in files if key.startswith("w"))
-            layers = [(data[f"w{i}"], data[f"b{i}"]) for i in range(n)]
+            layers = read_layers(data)
     except DispatcherLoadError:
         raise
     except FileNotFoundError:
@@ -336,7 +365,7 @@ def load_dispatcher(path: str | Path) -> DispatcherPolicy:
             f"{where} was trained on another JobShop-v0 observation layout: the file has "
             f"{layout}, this autofab's env has {layout_names()}"
         )
-    if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in layers):
+    if not layers_finite(layers):
         raise DispatcherLoadError(f"{where} holds non-finite weights")
     try:
         return DispatcherPolicy(layers, meta)
