@@ -631,12 +631,13 @@ class PlantRun:
         up = len(self.actors) if actors_up is None else actors_up
         if self.twin is None:
             assert self.link is not None
+            states = self.link.states()
             return RunProgress(
                 plant_time=self.plant_time - self.link_start,
                 duration_s=self.settings.duration_s,
                 jobs_done=self.link.total("parts_good"),
-                ops_in_progress=sum(v == "running" for v in self.link.states().values()),
-                machines=self.link.states(),
+                ops_in_progress=sum(v == "running" for v in states.values()),
+                machines=states,
                 power_kw=self.link.plant_power_w / 1e3,
                 safety=self.safety(),
                 actors_up=up,
