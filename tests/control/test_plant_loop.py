@@ -6,14 +6,12 @@ Real servers on loopback: the asyncua twin, asyncua clients, and the embedded na
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from asyncua import Client, ua
-from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.uaerrors import UaStatusCodeError
 
 from autofab.agents.protocol import Subjects, Telemetry, decode
@@ -27,8 +25,9 @@ from autofab.control.opcua.nodemap import (
     NodeMapError,
     load_nodemap,
 )
-from autofab.control.opcua.security import ensure_client_files
+from autofab.control.opcua.security import secure_client
 from autofab.control.opcua.twin import PlantTwin, TwinSettings
+from autofab.control.opcua.writer import PlantCredentials
 from autofab.envs.factory_model import FactoryModel, MachineStatus
 from autofab.envs.plant import load_plant
 
@@ -43,17 +42,11 @@ def _settings(certs: Path, **kw: Any) -> TwinSettings:
 
 
 async def _supervisor_client(twin: PlantTwin) -> Client:
-    client = Client(twin.endpoint, timeout=5)
-    files = ensure_client_files(twin.cert_dir)
-    await client.set_security(
-        SecurityPolicyBasic256Sha256,
-        str(files.certificate),
-        str(files.private_key),
-        mode=ua.MessageSecurityMode.SignAndEncrypt,
-    )
-    login = json.loads((twin.cert_dir / "supervisor.json").read_text())
-    client.set_user(login["username"])
-    client.set_password(login["password"])
+    """The supervisor's session: its login over SignAndEncrypt, as the runtime opens it."""
+    login = PlantCredentials.from_cert_dir(twin.cert_dir)
+    client = await secure_client(twin.endpoint, twin.cert_dir, "supervisor-client", timeout=5)
+    client.set_user(login.username)
+    client.set_password(login.password)
     await client.connect()
     return client
 
