@@ -607,9 +607,11 @@ class SupervisorRuntime:
                     if alarm:
                         # The plant went to its safe state (latched) while we were quiet:
                         # what it holds now, not what we last wrote, is the truth.
-                        self.stats.watchdog_alarms += 1
                         log.warning("plant %s: watchdog alarm seen; resynchronising", self.plant)
                         await self._sync_from_plant()
+                        # Counted once handled: a reader of the counter sees the state
+                        # the resync took from the plant.
+                        self.stats.watchdog_alarms += 1
                 codes: list[Any] = []
                 for at in range(0, len(state_targets), chunk):
                     # A few machines a call, so a setpoint waits for one short read at most.
