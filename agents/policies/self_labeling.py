@@ -83,16 +83,30 @@ class _Scorer(nn.Module):
         return self.net(x).squeeze(-1)
 
     def load(self, policy: DispatcherPolicy) -> None:
-        """Copy ``policy``'s weights in (fine-tuning); the layer shapes must match."""
+        """Copy ``policy``'s weights in (fine-tuning).
+
+        A network with wider hidden layers than ``policy``'s is *widened* without changing
+        its function (net2net style): the given weights fill the top-left corner, the new
+        hidden units keep their random incoming weights, and their outgoing weights are
+        zero, so they start silent and training decides what they learn.
+        """
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         shapes = [(m.in_features, m.out_features) for m in linears]
         given = [w.shape for w, _ in policy.layers]
-        if given != shapes:
-            raise ValueError(f"init weights have layers {given}; this network has {shapes}")
+        fits = len(given) == len(shapes) and all(
+            gi <= si and go <= so for (gi, go), (si, so) in zip(given, shapes, strict=True)
+        )
+        if not fits or given[0][0] != shapes[0][0] or given[-1][1] != shapes[-1][1]:
+            raise ValueError(
+                f"init weights have layers {given}; this network has {shapes} (the init "
+                "may be as wide or narrower, never wider, with the same depth)"
+            )
         with th.no_grad():
             for m, (w, b) in zip(linears, policy.layers, strict=True):
-                m.weight.copy_(th.from_numpy(w.T.copy()))
-                m.bias.copy_(th.from_numpy(b.copy()))
+                n_in, n_out = w.shape
+                m.weight[:, n_in:] = 0.0  # new inputs (new hidden units below) start silent
+                m.weight[:n_out, :n_in] = th.from_numpy(w.T.copy())
+                m.bias[:n_out] = th.from_numpy(b.copy())
 
     def snapshot(self) -> DispatcherPolicy:
         """A numpy copy of the current weights."""
@@ -170,7 +184,9 @@ def train_self_labeling(
     max_seconds: float | None = None,
     max_env_steps: int | None = None,
     init: DispatcherPolicy | None = None,
+    lr_final: float | None = None,
     on_iteration: Callable[[TrainStats], None] | None = None,
+    on_best: Callable[[DispatcherPolicy], None] | None = None,
 ) -> DispatcherPolicy:
     """Train a dispatcher by self-labeling on random Taillard-style instances.
 
@@ -191,8 +207,14 @@ def train_self_labeling(
         max_seconds: Stop once this much wall time has passed.
         max_env_steps: Stop once this many environment steps have been simulated.
         init: Start from these weights (fine-tuning) instead of random ones and the
-            imitation warm start; its hidden width must equal ``hidden``.
+            imitation warm start; its hidden width must be at most ``hidden`` (a wider
+            network is widened from it without changing its function).
+        lr_final: Anneal the learning rate from ``lr`` to this along a cosine, over the
+            run's budget (whichever of ``iterations``, ``max_seconds`` and
+            ``max_env_steps`` is closest to running out); ``None`` keeps ``lr``.
         on_iteration: Called after every iteration (progress bars, logs).
+        on_best: Called with the weights each time they reach a new best validation score
+            (a checkpoint: a run that is stopped or fails keeps its best weights).
 
     Returns:
         The greedy policy with the best validation score; ``policy.meta`` records the
@@ -204,6 +226,7 @@ def train_self_labeling(
         "batch": batch >= 1,
         "hidden": hidden >= 1,
         "lr": lr > 0,
+        "lr_final": lr_final is None or 0 < lr_final <= lr,
         "validate_every": validate_every >= 1,
         "sizes": len(sizes) > 0 and all(j >= 1 and m >= 1 for j, m in sizes),
     }
@@ -215,12 +238,13 @@ def train_self_labeling(
             "batch": batch,
             "hidden": hidden,
             "lr": lr,
+            "lr_final": lr_final,
             "validate_every": validate_every,
             "sizes": list(sizes),
         }
         raise ValueError(
             "self-labeling needs iterations >= 0, samples, batch, hidden and validate_every "
-            ">= 1, lr > 0 and at least one size; got "
+            ">= 1, lr > 0, 0 < lr_final <= lr and at least one size; got "
             + ", ".join(f"{name}={values[name]}" for name in bad)
         )
     th.manual_seed(seed)
@@ -249,11 +273,25 @@ def train_self_labeling(
     best_score = validation_score(best, validation) if validation else float("inf")
     env_steps = 0
     done = 0
+
+    def progress(it: int) -> float:
+        """How much of the budget is spent, in [0, 1]: the largest of the three shares."""
+        shares = [it / iterations if iterations else 1.0]
+        if max_seconds is not None:
+            shares.append((time.perf_counter() - started) / max_seconds)
+        if max_env_steps is not None:
+            shares.append(env_steps / max(max_env_steps, 1))
+        return min(max(shares), 1.0)
+
     for it in range(iterations):
         out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
         out_of_steps = max_env_steps is not None and env_steps >= max_env_steps
         if out_of_time or out_of_steps:
             break
+        if lr_final is not None:
+            cosine = 0.5 * (1.0 + np.cos(np.pi * progress(it)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_final + (lr - lr_final) * cosine
         t0 = time.perf_counter()
         actor = module.snapshot()
         optimizer.zero_grad()
@@ -276,6 +314,8 @@ def train_self_labeling(
             score = validation_score(candidate, validation)
             if score < best_score:
                 best, best_score = candidate, score
+                if on_best is not None:
+                    on_best(DispatcherPolicy(best.layers, {"checkpoint_iteration": done}))
         if on_iteration is not None:
             on_iteration(
                 TrainStats(
@@ -309,6 +349,7 @@ def train_self_labeling(
             "sizes": [list(s) for s in sizes],
             "hidden": hidden,
             "lr": lr,
+            "lr_final": lr_final,
             "imitation_instances": imitation_instances,
             "init": None if init is None else init.meta.get("source", "given weights"),
             "validation_instances_per_size": validation_instances_per_size,
@@ -327,6 +368,7 @@ HYPERPARAMS: dict[str, str] = {
     "batch": "an integer >= 1: instances per gradient step",
     "hidden": "an integer >= 1: width of the two hidden layers",
     "learning_rate": "a number > 0",
+    "learning_rate_final": "a number > 0 (at most learning_rate): cosine-anneal to it, or null",
     "sizes": "a list of [jobs, machines] pairs to draw training instances from",
     "imitation_instances": "an integer >= 0: MWKR warm-start instances",
     "validation_instances_per_size": "an integer >= 0",
@@ -347,7 +389,7 @@ def _valid(key: str, value: Any) -> bool:
         return integer(value, 0)
     if key == "learning_rate":
         return number(value)
-    if key == "max_seconds":
+    if key in ("max_seconds", "learning_rate_final"):
         return value is None or number(value)
     if key == "init":
         return isinstance(value, str) and bool(value)
@@ -379,6 +421,12 @@ def check_hyperparams(params: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"self_labeling hyperparameter {key}={value!r}: must be {HYPERPARAMS[key]}"
             )
+    final, start = params.get("learning_rate_final"), params.get("learning_rate")
+    if final is not None and start is not None and final > start:
+        raise ValueError(
+            f"self_labeling hyperparameter learning_rate_final={final!r} is above "
+            f"learning_rate={start!r}; the rate anneals down to it"
+        )
     return dict(params)
 
 

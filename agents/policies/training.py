@@ -764,6 +764,11 @@ def _train_self_labeling(
             if writer is not None:
                 writer.add_scalar("eval/validation_over_lb", stats.validation, stats.env_steps)
 
+    def on_best(best: Any) -> None:
+        # A checkpoint in the run's own file name: a stopped or failed run keeps its best
+        # weights. The finished run overwrites it with the full provenance.
+        save_dispatcher(best, run_dir / DISPATCHER_FILE, {"command": list(spec.command)})
+
     try:
         policy = self_labeling.train_self_labeling(
             iterations=2**62,
@@ -772,6 +777,7 @@ def _train_self_labeling(
             sizes=[(int(j), int(m)) for j, m in settings["sizes"]],
             hidden=settings.get("hidden", 64),
             lr=settings.get("learning_rate", 5e-4),
+            lr_final=settings.get("learning_rate_final"),
             imitation_instances=settings.get("imitation_instances", 20),
             validation_instances_per_size=settings.get("validation_instances_per_size", 8),
             validate_every=settings.get("validate_every", 25),
@@ -780,6 +786,7 @@ def _train_self_labeling(
             max_env_steps=plan.n_timesteps,
             init=_init_dispatcher(settings.get("init")),
             on_iteration=on_iteration,
+            on_best=on_best,
         )
     finally:
         if writer is not None:

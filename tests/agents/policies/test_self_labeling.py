@@ -251,6 +251,84 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path) -> None:
     assert tuned.meta["settings"]["init"] == str(DEFAULT_DISPATCHER)
 
 
+def test_a_wider_network_starts_as_the_given_weights_and_then_learns() -> None:
+    """Widening (64 -> 96 hidden units) keeps the function exactly, and training moves it."""
+    shipped = load_policy(DEFAULT_DISPATCHER)
+    assert isinstance(shipped, DispatcherPolicy)
+    wide = self_labeling.train_self_labeling(
+        iterations=0, init=shipped, hidden=96, validation_instances_per_size=0
+    )
+    assert [w.shape for w, _ in wide.layers] == [(N_FEATURES, 96), (96, 96), (96, 1)]
+    x = np.random.default_rng(0).random((40, N_FEATURES)).astype(np.float32)
+    np.testing.assert_allclose(wide.scores(x), shipped.scores(x), atol=1e-5)
+    trained = self_labeling.train_self_labeling(
+        iterations=2,
+        init=shipped,
+        hidden=96,
+        samples=3,
+        batch=1,
+        sizes=[(4, 3)],
+        validation_instances_per_size=0,
+    )
+    assert np.abs(trained.scores(x) - shipped.scores(x)).max() > 1e-4
+
+
+def test_the_learning_rate_anneals_to_its_final_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    optimizers: list[Any] = []
+    real_adam = self_labeling.th.optim.Adam
+
+    def adam(*args: Any, **kwargs: Any) -> Any:
+        optimizers.append(real_adam(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(self_labeling.th.optim, "Adam", adam)
+    rates: list[float] = []
+    _tiny_training(
+        iterations=5,
+        lr=1e-3,
+        lr_final=1e-4,
+        on_iteration=lambda _: rates.append(optimizers[-1].param_groups[0]["lr"]),
+    )
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates == sorted(rates, reverse=True)
+    assert rates[-1] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * 4 / 5)))
+    with pytest.raises(ValueError, match=re.escape("lr_final=0.01")):
+        self_labeling.train_self_labeling(iterations=1, lr=1e-3, lr_final=1e-2)
+    with pytest.raises(ValueError, match=re.escape("learning_rate_final=0.01 is above")):
+        self_labeling.check_hyperparams({"learning_rate": 1e-3, "learning_rate_final": 1e-2})
+
+
+def test_each_new_best_is_handed_out_as_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that dies keeps its best weights: model.npz is written at every new best."""
+    bests: list[DispatcherPolicy] = []
+    final = _tiny_training(iterations=4, on_best=bests.append)
+    scores = [
+        self_labeling.validation_score(b, self_labeling.validation_instances(1)) for b in bests
+    ]
+    assert scores == sorted(scores, reverse=True)
+    if bests:  # the last checkpoint is the weights the run returns
+        np.testing.assert_array_equal(bests[-1].layers[0][0], final.layers[0][0])
+
+    calls: list[int] = []
+    real = self_labeling.validation_score
+
+    def failing_validation(policy: DispatcherPolicy, instances: Any) -> float:
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("the run dies here")
+        return real(policy, instances) - len(calls)  # each validation is a new best
+
+    monkeypatch.setattr(self_labeling, "validation_score", failing_validation)
+    with pytest.raises(RuntimeError, match="the run dies here"):
+        train_one(_spec(tmp_path, hyperparams={"samples": 2, "validate_every": 1}))
+    (run,) = (tmp_path / "runs").iterdir()
+    kept = load_dispatcher(run / "model.npz")
+    assert kept.meta["checkpoint_iteration"] == 1
+    assert kept.meta["command"] == ["autofab", "train", "--algo", "self_labeling"]
+
+
 def test_the_shipped_config_is_valid() -> None:
     data = yaml.safe_load((CONFIG_DIR / "self_labeling.yml").read_text())
     settings = self_labeling.check_hyperparams(data["autofab/JobShop-v0"])
