@@ -19,9 +19,10 @@ What runs
 The limits are the plant's own, with the rate limit and the power cap raised out of reach,
 so every request is applied unchanged (a clamped value would never be seen): the checks all
 still run. A repeat fails loudly if any request was not applied or any write was not Good.
-Read-back mismatches are counted and printed, not fatal: the twin's telemetry scan writes a
-snapshot of the model taken before its awaits, so it can overwrite a setpoint written
-meanwhile with the older value (a twin race the supervisor rightly reports).
+Read-back mismatches are counted and printed, not fatal. The supervisor reads its writes
+back up to ``readback_max_delay_s`` (0.25 s) later, so each of our phases waits for every
+write to be audited before the peer's phase writes the same variables (a peer value read
+back would be a mismatch: a second writer, which the audit rightly reports).
 
 How arrival at the plant is seen
 --------------------------------
@@ -235,6 +236,7 @@ async def single_ours(rig: Rig, count: int, warmup: int) -> Single:
     machine = rig.machines[0]
     subject = Subjects(rig.sup.plant).setpoint_request
     before = applied_total(rig.sup)
+    written0 = sum(rig.sup.stats.writes.values())
     latencies: list[float] = []
     for i in range(warmup + count):
         if i == warmup:
@@ -249,8 +251,22 @@ async def single_ours(rig: Rig, count: int, warmup: int) -> Single:
         if i >= warmup:
             latencies.append((at - t0) * 1e3)
     gc.enable()
+    # The supervisor reads its writes back up to readback_max_delay_s later. Wait for that
+    # before the next phase, whose peer writes the same variables: a peer write landing in
+    # between would be read back as a mismatch (another writer, which the audit rightly
+    # reports, but not what this benchmark measures).
+    await wait_written(rig.sup, written0 + warmup + count, 5.0)
     check_clean(rig.sup, before)
     return Single(latencies)
+
+
+async def wait_written(sup: SupervisorRuntime, total: int, timeout: float) -> None:
+    """Until ``total`` writes have been audited (read back where the supervisor reads)."""
+    deadline = time.perf_counter() + timeout
+    while sum(sup.stats.writes.values()) < total:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{total} writes not audited within {timeout} s")
+        await asyncio.sleep(0.001)
 
 
 async def single_peer(rig: Rig, count: int, warmup: int) -> tuple[Single, Single]:
@@ -295,11 +311,7 @@ async def batched_ours(rig: Rig, burst: int) -> tuple[float, float]:
     start = time.perf_counter()
     for data, headers in wire:
         await nc.publish(subject, data, headers=headers)
-    deadline = start + 60.0
-    while sum(rig.sup.stats.writes.values()) - written0 < burst:
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"{burst} setpoints not written within 60 s")
-        await asyncio.sleep(0.001)
+    await wait_written(rig.sup, written0 + burst, 60.0)
     seconds = time.perf_counter() - start
     gc.enable()
     check_clean(rig.sup, before)
