@@ -62,6 +62,12 @@ class BatchJobShop:
         self.reset()
 
     @property
+    def job_machine(self) -> NDArray[np.int64]:
+        """``(copies, n_jobs)``: the machine of each job's next operation (``n_machines``
+        once the job is done). Do not modify."""
+        return self._job_machine
+
+    @property
     def done(self) -> bool:
         """True once every operation of every copy has been dispatched."""
         return self.n_started == self.instance.n_ops

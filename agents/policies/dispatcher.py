@@ -164,23 +164,27 @@ class Rollout:
     obs: NDArray[np.float32] | None = None  # (k, n_ops, size)
     masks: NDArray[np.bool_] | None = None  # (k, n_ops, n_jobs)
     actions: NDArray[np.int64] | None = None  # (k, n_ops)
+    #: The machine of each job's next operation at each decision.
+    machines: NDArray[np.int64] | None = None  # (k, n_ops, n_jobs)
     step_seconds: NDArray[np.float64] | None = None  # (n_ops,): one lockstep decision each
 
 
 def rollout(instance: Instance, copies: int, pick: Picker, record: bool = False) -> Rollout:
     """Run ``copies`` schedules of a classic ``instance`` in lockstep, choosing with ``pick``.
 
-    With ``record``, every observation, mask and action is kept (what training needs);
-    otherwise only the makespans, the schedules (in ``sim``) and the time of each step.
+    With ``record``, every observation, mask, action and job's next machine is kept (what
+    training needs); otherwise only the makespans, the schedules (in ``sim``) and the time
+    of each step.
     """
     sim = BatchJobShop(instance, copies)
     n_ops, n_jobs = instance.n_ops, instance.n_jobs
-    obs = masks = actions = None
+    obs = masks = actions = machines = None
     if record:
         size = sim.observe().shape[1]
         obs = np.empty((copies, n_ops, size), dtype=np.float32)
         masks = np.empty((copies, n_ops, n_jobs), dtype=bool)
         actions = np.empty((copies, n_ops), dtype=np.int64)
+        machines = np.empty((copies, n_ops, n_jobs), dtype=np.int64)
     step_seconds = np.empty(n_ops)
     for t in range(n_ops):
         t0 = time.perf_counter()
@@ -191,8 +195,9 @@ def rollout(instance: Instance, copies: int, pick: Picker, record: bool = False)
             obs[:, t] = x
             masks[:, t] = sim.mask
             actions[:, t] = chosen
+            machines[:, t] = sim.job_machine  # type: ignore[index]
         sim.step(chosen)
-    return Rollout(sim, sim.makespan.copy(), obs, masks, actions, step_seconds)
+    return Rollout(sim, sim.makespan.copy(), obs, masks, actions, machines, step_seconds)
 
 
 def greedy_picker(policy: DispatcherPolicy, n_jobs: int) -> Picker:

@@ -141,13 +141,38 @@ def _mwkr(n_jobs: int, n_machines: int) -> Picker:
     return pick
 
 
-def _loss(module: _Scorer, run: Rollout, which: int, n_jobs: int) -> th.Tensor:
-    """Cross-entropy of schedule ``which``'s decisions under the masked softmax."""
-    if run.obs is None or run.masks is None or run.actions is None:
+#: What a label's decision is scored against: "machine", the other jobs waiting for the same
+#: machine (the default), or "all", every job that could start.
+LOSS_OVER = ("machine", "all")
+
+
+def _loss(
+    module: _Scorer, run: Rollout, which: int, n_jobs: int, over: str = "machine"
+) -> th.Tensor:
+    """Cross-entropy of schedule ``which``'s decisions under the masked softmax.
+
+    With ``over="machine"`` each decision's softmax covers only the valid jobs that wait for
+    the chosen job's machine. In a non-delay schedule every idle machine with a waiting job
+    gets one of them now, whatever order the machines are served in, so the schedule is
+    fixed by which job each machine takes; the order across machines is sampling noise,
+    and scoring a label against the other machines' jobs would teach it. Decisions with
+    one job waiting for the machine teach nothing and are left out.
+    """
+    if run.obs is None or run.masks is None or run.actions is None or run.machines is None:
         raise ValueError("training needs a recorded rollout (rollout(..., record=True))")
-    feats = job_features(run.obs[which], n_jobs)
-    logits = module(th.from_numpy(feats)).masked_fill(~th.from_numpy(run.masks[which]), -1e9)
-    return nn.functional.cross_entropy(logits, th.from_numpy(run.actions[which]))
+    masks, actions = run.masks[which], run.actions[which]
+    rows = np.arange(len(actions))
+    obs = run.obs[which]
+    if over == "machine":
+        machines = run.machines[which]
+        masks = masks & (machines == machines[rows, actions][:, None])
+        keep = masks.sum(axis=1) > 1
+        if not keep.any():
+            return th.zeros((), requires_grad=True)
+        obs, masks, actions = obs[keep], masks[keep], actions[keep]
+    feats = job_features(obs, n_jobs)
+    logits = module(th.from_numpy(feats)).masked_fill(~th.from_numpy(masks), -1e9)
+    return nn.functional.cross_entropy(logits, th.from_numpy(actions))
 
 
 def _lower_bound(instance: Instance) -> float:
@@ -185,6 +210,7 @@ def train_self_labeling(
     max_env_steps: int | None = None,
     init: DispatcherPolicy | None = None,
     lr_final: float | None = None,
+    loss_over: str = "machine",
     on_iteration: Callable[[TrainStats], None] | None = None,
     on_best: Callable[[DispatcherPolicy], None] | None = None,
 ) -> DispatcherPolicy:
@@ -212,6 +238,8 @@ def train_self_labeling(
         lr_final: Anneal the learning rate from ``lr`` to this along a cosine, over the
             run's budget (whichever of ``iterations``, ``max_seconds`` and
             ``max_env_steps`` is closest to running out); ``None`` keeps ``lr``.
+        loss_over: ``"machine"``: score each label decision against the jobs waiting for
+            the same machine only (see :func:`_loss`); ``"all"``: against every valid job.
         on_iteration: Called after every iteration (progress bars, logs).
         on_best: Called with the weights each time they reach a new best validation score
             (a checkpoint: a run that is stopped or fails keeps its best weights).
@@ -227,6 +255,7 @@ def train_self_labeling(
         "hidden": hidden >= 1,
         "lr": lr > 0,
         "lr_final": lr_final is None or 0 < lr_final <= lr,
+        "loss_over": loss_over in LOSS_OVER,
         "validate_every": validate_every >= 1,
         "sizes": len(sizes) > 0 and all(j >= 1 and m >= 1 for j, m in sizes),
     }
@@ -239,13 +268,14 @@ def train_self_labeling(
             "hidden": hidden,
             "lr": lr,
             "lr_final": lr_final,
+            "loss_over": loss_over,
             "validate_every": validate_every,
             "sizes": list(sizes),
         }
         raise ValueError(
             "self-labeling needs iterations >= 0, samples, batch, hidden and validate_every "
-            ">= 1, lr > 0, 0 < lr_final <= lr and at least one size; got "
-            + ", ".join(f"{name}={values[name]}" for name in bad)
+            f">= 1, lr > 0, 0 < lr_final <= lr, loss_over in {LOSS_OVER} and at least one "
+            "size; got " + ", ".join(f"{name}={values[name]}" for name in bad)
         )
     th.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -265,7 +295,7 @@ def train_self_labeling(
         run = rollout(inst, 1, _mwkr(inst.n_jobs, inst.n_machines), record=True)
         for _ in range(4):
             optimizer.zero_grad()
-            _loss(module, run, 0, inst.n_jobs).backward()
+            _loss(module, run, 0, inst.n_jobs, loss_over).backward()
             optimizer.step()
 
     validation = validation_instances(validation_instances_per_size)
@@ -300,7 +330,7 @@ def train_self_labeling(
             inst = draw()
             run = rollout(inst, samples, sampling_picker(actor, inst.n_jobs, rng), record=True)
             label = int(np.argmin(run.makespans))
-            loss = _loss(module, run, label, inst.n_jobs) / batch
+            loss = _loss(module, run, label, inst.n_jobs, loss_over) / batch
             loss.backward()
             loss_sum += float(loss.detach())
             best_sum += float(run.makespans[label]) / _lower_bound(inst) / batch
@@ -350,6 +380,7 @@ def train_self_labeling(
             "hidden": hidden,
             "lr": lr,
             "lr_final": lr_final,
+            "loss_over": loss_over,
             "imitation_instances": imitation_instances,
             "init": None if init is None else init.meta.get("source", "given weights"),
             "validation_instances_per_size": validation_instances_per_size,
@@ -368,6 +399,7 @@ HYPERPARAMS: dict[str, str] = {
     "batch": "an integer >= 1: instances per gradient step",
     "hidden": "an integer >= 1: width of the two hidden layers",
     "learning_rate": "a number > 0",
+    "loss_over": "'machine' (a label is scored against the jobs waiting for its machine) or 'all'",
     "learning_rate_final": "a number > 0 (at most learning_rate): cosine-anneal to it, or null",
     "sizes": "a list of [jobs, machines] pairs to draw training instances from",
     "imitation_instances": "an integer >= 0: MWKR warm-start instances",
@@ -393,6 +425,8 @@ def _valid(key: str, value: Any) -> bool:
         return value is None or number(value)
     if key == "init":
         return isinstance(value, str) and bool(value)
+    if key == "loss_over":
+        return value in LOSS_OVER
     if key == "sizes":
         return (
             isinstance(value, list)

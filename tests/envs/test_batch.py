@@ -26,6 +26,8 @@ def test_every_copy_matches_its_own_environment(instance: Any) -> None:
         batch_obs = sim.observe()
         for i, env in enumerate(envs):
             np.testing.assert_array_equal(sim.mask[i], env.action_masks())
+            live = ~env.model.job_done
+            np.testing.assert_array_equal(sim.job_machine[i][live], env.model.job_machine[live])
             np.testing.assert_allclose(batch_obs[i], obs[i], atol=1e-6)
         jobs = np.array([rng.choice(np.flatnonzero(row)) for row in sim.mask])
         sim.step(jobs)

@@ -22,10 +22,13 @@ from autofab.agents.policies.dispatcher import (
     DispatcherPolicy,
     job_features,
     load_dispatcher,
+    rollout,
+    sampling_picker,
     save_dispatcher,
 )
 from autofab.agents.policies.evaluation import evaluate
 from autofab.agents.policies.training import CONFIG_DIR, TrainingError, TrainSpec, train_one
+from autofab.envs.instances import random_instance
 from autofab.envs.jobshop import (
     N_JOB_BLOCKS,
     OBSERVATION_LAYOUT,
@@ -327,6 +330,33 @@ def test_each_new_best_is_handed_out_as_a_checkpoint(
     kept = load_dispatcher(run / "model.npz")
     assert kept.meta["checkpoint_iteration"] == 1
     assert kept.meta["command"] == ["autofab", "train", "--algo", "self_labeling"]
+
+
+def test_a_label_is_scored_against_the_jobs_waiting_for_its_machine() -> None:
+    """The machine loss is the cross-entropy over each decision's machine group, by hand;
+    the order in which machines are served (sampling noise) does not change it."""
+    inst = random_instance(6, 4, 1)
+    shipped = load_dispatcher(DEFAULT_DISPATCHER)
+    run = rollout(inst, 2, sampling_picker(shipped, 6, np.random.default_rng(0)), record=True)
+    assert run.machines is not None
+    assert run.masks is not None
+    assert run.actions is not None
+    assert run.obs is not None
+    module = self_labeling._Scorer(64)
+    module.load(shipped)
+    terms = []
+    for t, job in enumerate(run.actions[1]):
+        group = run.masks[1, t] & (run.machines[1, t] == run.machines[1, t, job])
+        if group.sum() < 2:
+            continue
+        scores = shipped.scores(job_features(run.obs[1, t], 6)).astype(np.float64)
+        scores = np.where(group, scores, -np.inf)
+        terms.append(np.log(np.exp(scores - scores.max()).sum()) + scores.max() - scores[job])
+    assert terms  # a 6x4 shop has machines with several jobs waiting
+    got = float(self_labeling._loss(module, run, 1, 6, "machine").detach())
+    assert got == pytest.approx(np.mean(terms), rel=1e-4)
+    everything = float(self_labeling._loss(module, run, 1, 6, "all").detach())
+    assert everything != pytest.approx(got)
 
 
 def test_the_shipped_config_is_valid() -> None:
