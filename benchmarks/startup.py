@@ -88,13 +88,9 @@ def _one_floor() -> dict[str, Any]:
 
     import ray
 
-    from autofab.control.ray_tasks import LOCAL_OBJECT_STORE_BYTES
+    from autofab.control.ray_tasks import init_local_ray
 
-    ray.init(
-        include_dashboard=False,
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        logging_level=logging.WARNING,
-    )
+    init_local_ray(ray, logging_level=logging.WARNING)
 
     @ray.remote(num_cpus=0)
     class Trivial:

@@ -167,6 +167,44 @@ def _call(fn: Callable[[T], R], item: T) -> R:
     return fn(item)
 
 
+#: Ray's single-machine switch (meant for Windows and macOS, read once per process at
+#: import). With it off, Ray takes 127.0.0.1 as this node's address.
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_local_ray(ray: Any, **kwargs: Any) -> None:
+    """Start a new Ray on this machine, listening on loopback only.
+
+    On Linux Ray gives a node the machine's routable address even when asked for
+    127.0.0.1, and its GCS, raylet and workers then listen on every interface: anyone who
+    can reach the machine could submit code to it. A local run talks to nobody else, so it
+    runs Ray in its single-machine mode (loopback) instead. Ray's own processes read the
+    switch from the environment when they start; this process read it at import, so it is
+    set in both places for the start and put back afterwards (a later ``ray.init`` of a
+    real cluster from this process must advertise a routable address again).
+    ``kwargs`` go to ``ray.init``.
+    """
+    from ray._private import ray_constants
+
+    before_env = os.environ.get(_SINGLE_MACHINE_ENV)
+    before_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address="local",  # a new local Ray, even where `ray start` runs one
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            **kwargs,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = before_env
+
+
 def _init_ray(ray: Any, address: str | None, cpus_wanted: int, cpus_per_task: int) -> bool:
     """Start a local Ray or join ``address``; True when this call started one to stop.
 
@@ -178,11 +216,8 @@ def _init_ray(ray: Any, address: str | None, cpus_wanted: int, cpus_per_task: in
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
-        ray.init(
-            num_cpus=max(cpus_per_task, min(available_cpus(), cpus_wanted)),
-            include_dashboard=False,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            **quiet,
+        init_local_ray(
+            ray, num_cpus=max(cpus_per_task, min(available_cpus(), cpus_wanted)), **quiet
         )
         return True
     try:

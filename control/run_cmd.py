@@ -527,7 +527,7 @@ class PlantRun:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
-        from autofab.control.ray_tasks import LOCAL_OBJECT_STORE_BYTES, RayAddressError
+        from autofab.control.ray_tasks import RayAddressError, init_local_ray
 
         self._ray = ray
         if ray.is_initialized():
@@ -535,12 +535,7 @@ class PlantRun:
         quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
         address = self.settings.ray_address
         if address is None:
-            ray.init(
-                address="local",  # a new local Ray, even where `ray start` runs one
-                include_dashboard=False,
-                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                **quiet,
-            )
+            init_local_ray(ray, **quiet)
         else:
             try:
                 ray.init(address=address, **quiet)
@@ -907,18 +902,13 @@ async def _compare(
     """Run every policy on the same seeds (0..seeds-1), one run after another, on one Ray."""
     import ray
 
-    from autofab.control.ray_tasks import LOCAL_OBJECT_STORE_BYTES
+    from autofab.control.ray_tasks import init_local_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
     if not ray.is_initialized():
         if base.ray_address is None:
-            ray.init(
-                address="local",
-                include_dashboard=False,
-                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                logging_level=logging.WARNING,
-            )
+            init_local_ray(ray, logging_level=logging.WARNING)
         else:
             ray.init(address=base.ray_address, logging_level=logging.WARNING)
         started = True

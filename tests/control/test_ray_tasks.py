@@ -7,10 +7,13 @@ One local Ray start (a few seconds) serves the whole module through a shared fix
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from autofab.control import ray_tasks
@@ -18,15 +21,38 @@ from autofab.control.ray_tasks import RayAddressError, map_tasks
 
 ray = pytest.importorskip("ray")
 
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """One local Ray for the module; map_tasks uses a Ray it finds and leaves it running."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2)
+    ray_tasks.init_local_ray(ray, num_cpus=2)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def test_a_local_ray_listens_on_loopback_only(local_ray: None) -> None:
+    """No Ray process of a local start accepts connections from outside the machine, and
+    Ray's single-machine switch is put back for a later cluster connection."""
+    from ray._private import ray_constants
+
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    listening = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            listening += [
+                (proc.name(), c.laddr.ip)
+                for c in proc.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
+    assert listening, "the GCS and the raylet listen somewhere"
+    outside = [(name, ip) for name, ip in listening if ip not in LOOPBACK]
+    assert not outside
+    assert ray_constants.ENABLE_RAY_CLUSTER
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
 
 
 def test_results_come_back_in_input_order(local_ray: None) -> None:

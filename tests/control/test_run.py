@@ -8,6 +8,7 @@ marked ``slow``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -288,11 +289,52 @@ def test_run_on_a_two_node_ray_cluster(private_dirs: Path, monkeypatch: pytest.M
         )
         outcome, report, run = _run(settings)
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_cluster(port)
     assert outcome == "done"
     assert report["ray_nodes"] == 2
     assert report["parts_good"] > 0
     _good_ops_at_most_once(run)
+
+
+def _stop_ray_cluster(port: int) -> None:
+    """Stop the processes of the Ray cluster whose GCS listens on ``port``, and only those
+    (``ray stop`` would stop every Ray on the machine, a developer's own included): the GCS,
+    everything started with its address, and their children (the agents rename themselves
+    and carry no address)."""
+
+    def ours(args: list[str]) -> bool:
+        return any(
+            a == f"--gcs_server_port={port}"
+            or (a.startswith(("--gcs-address=", "--gcs_address=")) and a.endswith(f":{port}"))
+            for a in args
+        )
+
+    found = [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if proc.pid != os.getpid() and ours(proc.info["cmdline"] or [])
+    ]
+    _stop(found)
+
+
+def _stop(found: list[psutil.Process]) -> None:
+    """Terminate ``found`` and their children; kill whatever is left after 15 s."""
+    ours = list(found)
+    ours += [child for proc in ours for child in _children(proc)]
+    for proc in ours:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def test_run_against_an_existing_plant_server(private_dirs: Path, tmp_path: Path) -> None:
