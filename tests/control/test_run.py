@@ -266,7 +266,8 @@ def test_report_file_is_json(private_dirs: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_run_on_a_two_node_ray_cluster(private_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ray start` a head and a second node on this machine; the run spreads its actors
-    over both and works through them."""
+    over both and works through them. (Ray gives cluster nodes the machine's own interface
+    address whatever --node-ip-address says; the traffic stays on this machine.)"""
     import shutil
     import subprocess
     import sys
