@@ -165,9 +165,8 @@ def test_candidate_speeds_start_with_the_machines_own_and_span_the_limits() -> N
     assert candidate_speeds(context, 5) == pytest.approx([1.0, 0.6, 0.775, 0.95, 1.125, 1.3])
 
 
-def test_a_speed_chooser_with_zero_weights_is_the_rule() -> None:
-    """The start of the training search: every speed scores 0, so the own speed wins."""
-    zero = LearnedBidding([(np.zeros((len(SPEED_FEATURES), 2)), np.array([0.0, -1.0]))], speeds=8)
+def _mill_call() -> tuple[CallForProposals, BidContext]:
+    """A milling call with slack, to mill-1 at its own speed (health 0.9, busy until 100 s)."""
     call = CallForProposals(
         round_id="r1",
         job="j1",
@@ -178,7 +177,13 @@ def test_a_speed_chooser_with_zero_weights_is_the_rule() -> None:
         processing_seconds=600.0,
         deadline=1.0,
     )
-    context = BidContext("mill-1", SPECS["mill-1"], 1.0, 0.9, 100.0, 0.0, TARIFF)
+    return call, BidContext("mill-1", SPECS["mill-1"], 1.0, 0.9, 100.0, 0.0, TARIFF)
+
+
+def test_a_speed_chooser_with_zero_weights_is_the_rule() -> None:
+    """The start of the training search: every speed scores 0, so the own speed wins."""
+    zero = LearnedBidding([(np.zeros((len(SPEED_FEATURES), 2)), np.array([0.0, -1.0]))], speeds=8)
+    call, context = _mill_call()
     assert zero.bid_with_speed(call, context) == (honest_bid(call, context), 1.0)
     assert run_episode(zero, 3).cost == pytest.approx(run_episode(RuleBasedBidding(), 3).cost)
 
@@ -186,17 +191,7 @@ def test_a_speed_chooser_with_zero_weights_is_the_rule() -> None:
 def test_a_speed_chooser_prefers_what_its_weights_reward() -> None:
     """A score of -speed_ratio picks the slowest speed, +speed_ratio the fastest."""
     column = SPEED_FEATURES.index("speed_ratio")
-    call = CallForProposals(
-        round_id="r1",
-        job="j1",
-        op=0,
-        capability="mill",
-        ready_at=0.0,
-        due_at=3_600.0,
-        processing_seconds=600.0,
-        deadline=1.0,
-    )
-    context = BidContext("mill-1", SPECS["mill-1"], 1.0, 0.9, 100.0, 0.0, TARIFF)
+    call, context = _mill_call()
     for sign, expected in [(-1.0, 0.6), (1.0, 1.3)]:
         w = np.zeros((len(SPEED_FEATURES), 2))
         w[column, 0] = sign
