@@ -25,6 +25,8 @@ __all__ = [
     "RayAddressError",
     "RayTaskFailed",
     "available_cpus",
+    "init_local_ray",
+    "init_ray",
     "map_tasks",
     "ray_available",
 ]
@@ -205,6 +207,19 @@ def init_local_ray(ray: Any, **kwargs: Any) -> None:
             os.environ[_SINGLE_MACHINE_ENV] = before_env
 
 
+def init_ray(ray: Any, address: str | None, **kwargs: Any) -> None:
+    """Start a local Ray (:func:`init_local_ray`) or join the cluster at ``address``; a
+    cluster that cannot be joined is a :class:`RayAddressError`. ``kwargs`` go to
+    ``ray.init``."""
+    if address is None:
+        init_local_ray(ray, **kwargs)
+        return
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
+        raise RayAddressError(address, str(exc).strip().splitlines()[0]) from None
+
+
 def _init_ray(ray: Any, address: str | None, cpus_wanted: int, cpus_per_task: int) -> bool:
     """Start a local Ray or join ``address``; True when this call started one to stop.
 
@@ -214,17 +229,11 @@ def _init_ray(ray: Any, address: str | None, cpus_wanted: int, cpus_per_task: in
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
-        init_local_ray(
-            ray, num_cpus=max(cpus_per_task, min(available_cpus(), cpus_wanted)), **quiet
-        )
-        return True
-    try:
-        ray.init(address=address, **quiet)
-    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
-        raise RayAddressError(address, str(exc).strip().splitlines()[0]) from None
-    return False
+        quiet["num_cpus"] = max(cpus_per_task, min(available_cpus(), cpus_wanted))
+    init_ray(ray, address, **quiet)
+    return address is None
 
 
 def _check_reachable(address: str) -> None:

@@ -527,20 +527,12 @@ class PlantRun:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
-        from autofab.control.ray_tasks import RayAddressError, init_local_ray
+        from autofab.control.ray_tasks import init_ray
 
         self._ray = ray
         if ray.is_initialized():
             return
-        quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-        address = self.settings.ray_address
-        if address is None:
-            init_local_ray(ray, **quiet)
-        else:
-            try:
-                ray.init(address=address, **quiet)
-            except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
-                raise RayAddressError(address, str(exc).strip().splitlines()[0]) from None
+        init_ray(ray, self.settings.ray_address, logging_level=logging.WARNING, log_to_driver=True)
         self._ray_started = True
 
     async def stop(self) -> None:
