@@ -42,7 +42,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from autofab.agents.base import Agent, Now, Outgoing, Subscription
 from autofab.agents.protocol import (
@@ -56,6 +56,8 @@ from autofab.agents.protocol import (
 from autofab.envs.plant import EnergySpec, PlantConfig
 
 __all__ = ["EnergyAgent", "Tariff", "bounded_add", "plant_to_wall"]
+
+K = TypeVar("K")
 
 _J_PER_KWH = 3.6e6
 #: Shortest wait (wall seconds) for a timer set on a plant time still ahead.
@@ -75,7 +77,7 @@ def plant_to_wall(plant_at: float, now: Now, speedup: float) -> float:
     return now.wall + max(ahead / speedup, _MIN_TIMER_STEP) if ahead > 0 else now.wall
 
 
-def bounded_add(memory: OrderedDict[str, Any], key: str, limit: int, value: Any = None) -> None:
+def bounded_add(memory: OrderedDict[K, Any], key: K, limit: int, value: Any = None) -> None:
     """Remember ``key`` (with ``value``) in an insertion-ordered map that forgets its oldest
     keys past ``limit``: how agents recognise late duplicates without growing unbounded."""
     memory[key] = value

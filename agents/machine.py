@@ -202,7 +202,7 @@ class MachineAgent(Agent):
         self.closed: OrderedDict[str, None] = OrderedDict()
         #: Running operations whose award was withdrawn, by (job, op): if the plant
         #: finishes one anyway, it is reported (:meth:`_stopped_finished`).
-        self.stopped: dict[tuple[str, int], Task] = {}
+        self.stopped: OrderedDict[tuple[str, int], Task] = OrderedDict()
         #: Material reservations used up by an operation that started: never released.
         self.consumed: OrderedDict[str, None] = OrderedDict()
         self.completed = 0
@@ -548,9 +548,7 @@ class MachineAgent(Agent):
                     # Stopped, but it may finish anyway (a cycle stop lets the running
                     # operation end, and the stop may cross the finish): keep it, so a
                     # finish the plant reports is still told to the scheduler.
-                    self.stopped[(task.job, task.op)] = task
-                    while len(self.stopped) > _STOPPED_KEEP:
-                        self.stopped.pop(next(iter(self.stopped)))
+                    bounded_add(self.stopped, (task.job, task.op), _STOPPED_KEEP, task)
                     out.append(self._setpoint("run", 0.0, now))
                 return out + self._advance(now)
         return []
@@ -741,7 +739,7 @@ class MachineAgent(Agent):
         self._ops_done = state.get("ops_done")
         self._plant_started = bool(state.get("plant_started", False))
         stopped = [Task(**t) for t in state.get("stopped", [])]
-        self.stopped = {(t.job, t.op): t for t in stopped}
+        self.stopped = OrderedDict(((t.job, t.op), t) for t in stopped)
         self._next_report = 0.0
 
 
