@@ -266,7 +266,7 @@ async def wait_written(sup: SupervisorRuntime, total: int, timeout: float) -> No
     while sum(sup.stats.writes.values()) < total:
         if time.perf_counter() > deadline:
             raise TimeoutError(f"{total} writes not audited within {timeout} s")
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.0005)
 
 
 async def single_peer(rig: Rig, count: int, warmup: int) -> tuple[Single, Single]:
@@ -409,8 +409,9 @@ async def run(args: argparse.Namespace, cert_dir: Path, endpoint: str) -> dict[s
             await sup.wait_audit_stored(10)
         st = sup.stats
         print(
-            f"  supervisor: {st.write_batches:,} writes, {st.read_backs:,} read-backs, "
-            f"{st.mismatches} read-back mismatches; audit records stored "
+            f"  supervisor: {sum(st.writes.values()):,} values in {st.write_batches:,} write "
+            f"calls, {st.read_backs:,} read-backs, {st.mismatches} read-back mismatches; "
+            f"audit records stored "
             f"{st.audit_published:,}, lost {st.audit_failed}",
             file=sys.stderr,
         )
