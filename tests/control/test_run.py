@@ -315,27 +315,16 @@ def _stop_ray_cluster(port: int) -> None:
         for proc in psutil.process_iter(["cmdline"])
         if proc.pid != os.getpid() and ours(proc.info["cmdline"] or [])
     ]
-    _stop(found)
-
-
-def _stop(found: list[psutil.Process]) -> None:
-    """Terminate ``found`` and their children; kill whatever is left after 15 s."""
-    ours = list(found)
-    ours += [child for proc in ours for child in _children(proc)]
-    for proc in ours:
+    for proc in list(found):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found += proc.children(recursive=True)
+    for proc in found:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=15)
+    _, alive = psutil.wait_procs(found, timeout=15)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-
-
-def _children(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return proc.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def test_run_against_an_existing_plant_server(private_dirs: Path, tmp_path: Path) -> None:
