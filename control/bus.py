@@ -71,25 +71,44 @@ did not change costs none (nor is an agent's untouched initial state ever writte
 use compare-and-set on the revision the runner last saw
 (``kv.update(key, value, last=revision)``, or ``kv.create`` for a new key).
 
-Conflict policy: a wrong-last-sequence error means someone else (another replica of the
-agent, or an operator) wrote the key since. The store wins: the runner reloads the entry,
-restores the agent from it (its own changes since its last write are discarded; what it
-already published stays published), counts ``state_conflicts`` and logs a warning. Two
-replicas that share a key thus converge on one state rather than overwrite each other in
-turn. A write that fails otherwise (disconnected, timeout) is retried after
-``BusSettings.reconnect_wait_s``; the agent keeps running meanwhile.
+Conflict policy: a wrong-last-sequence error (counted in ``state_conflicts``) means the
+stored entry is not the revision the runner last saw. The runner reads the entry and asks
+whether the agent has already been in that state: it keeps, per key, the (revision, SHA-256
+of the bytes) of the last :data:`_KNOWN_ENTRIES` entries it wrote, restored or adopted.
+
+* A known entry means the store went back: a crashed server lost the tail of its stream (a
+  ``SIGKILL`` before JetStream flushed), so the key holds an older write of this very
+  agent. The agent's memory continues from that entry, so the runner keeps it and writes it
+  over the entry (compare-and-set on the entry's revision), counts ``state_regressions``
+  and logs a warning. Adopting it would send the agent back in time: a scheduler would
+  forget completions and hand out work again.
+* Any other entry was written by someone else (another replica of the agent, or an
+  operator). The store wins: the runner restores the agent from it (its own changes since
+  its last write are discarded; what it already published stays published) and logs a
+  warning. Two replicas that share a key thus converge on one state rather than overwrite
+  each other in turn.
+
+Both halves of the pair matter. After a regression the stream hands out its lost sequence
+numbers again, so a revision alone could name another writer's entry; and an operator who
+restores a backup writes bytes the runner wrote before, but at a new revision, which must
+be adopted. A regression further back than the last :data:`_KNOWN_ENTRIES` entries is taken
+for another writer and adopted, as before. The store's going back is noticed at the
+agent's next write: an agent whose state does not change after the restart leaves the
+older entry in place until it does. A write that fails otherwise (disconnected, timeout)
+is retried after ``BusSettings.reconnect_wait_s``; the agent keeps running meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -146,6 +165,10 @@ _KV_KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+$")
 _BUCKET_UNSAFE_RE: Final = re.compile(r"[^A-Za-z0-9_-]")
 #: Errors of a publish, request or key-value call that mean "the link, not the data".
 _LINK_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
+#: Store entries remembered per agent to tell the store going back from another writer (see
+#: the conflict policy above): a crash loses at most the writes of the last moments, and 256
+#: (revision, digest) pairs cost about 40 KiB per agent.
+_KNOWN_ENTRIES: Final = 256
 
 
 # --- settings, clock, stats -------------------------------------------------------------
@@ -250,6 +273,9 @@ class BusStats:
     state_writes: Counter[str] = field(default_factory=Counter)
     state_conflicts: Counter[str] = field(default_factory=Counter)
     state_errors: Counter[str] = field(default_factory=Counter)
+    #: The conflicts where the store had gone back to an older entry of the agent's own,
+    #: which the runner wrote over (a subset of ``state_conflicts``).
+    state_regressions: Counter[str] = field(default_factory=Counter)
     disconnects: int = 0
     reconnects: int = 0
 
@@ -639,10 +665,21 @@ class _Hosted:
     dirty: bool = False
     #: The store revision of ``saved``; None while the key does not exist.
     revision: int | None = None
+    #: (revision, SHA-256 of the value) of the last store entries this agent's state
+    #: continues from: written, restored or adopted by this runner.
+    known: deque[tuple[int, bytes]] = field(default_factory=lambda: deque(maxlen=_KNOWN_ENTRIES))
     rearm: asyncio.Event = field(default_factory=asyncio.Event)
     timer_task: asyncio.Task[None] | None = None
     #: ``autofab_agent_decision_duration_seconds`` for this agent's kind and plant.
     decision_seconds: Any = None
+
+    def remember(self, revision: int, value: bytes) -> None:
+        """Record that the agent's state continues from this store entry."""
+        self.known.append((revision, hashlib.sha256(value).digest()))
+
+    def knows(self, revision: int, value: bytes) -> bool:
+        """Whether this store entry is one the agent's state continues from."""
+        return (revision, hashlib.sha256(value).digest()) in self.known
 
 
 class AgentRunner:
@@ -940,6 +977,7 @@ class AgentRunner:
                 f"(revision {entry.revision}): {error}"
             ) from error
         hosted.revision = entry.revision
+        hosted.remember(entry.revision, entry.value)
         hosted.saved = self._snapshot(hosted) or b""
         log.info("%s restored from %s revision %s", name, self.state_bucket, entry.revision)
 
@@ -958,7 +996,6 @@ class AgentRunner:
         the module docstring."""
         if not self.persist or self._kv is None:
             return True
-        kv = self._kv
         all_saved = True
         async with self._state_lock:
             for hosted in self._hosted:
@@ -971,29 +1008,45 @@ class AgentRunner:
                 data = self._snapshot(hosted)
                 if data is None or data == hosted.saved:
                     continue
-                name = hosted.agent.name
-                try:
-                    if hosted.revision is None:
-                        revision = await kv.create(name, data)
-                    else:
-                        revision = await kv.update(name, data, last=hosted.revision)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    self.stats.state_conflicts[name] += 1
-                    await self._reload(hosted)
-                    continue
-                except (*_LINK_ERRORS, BusClosedError) as error:
-                    self.stats.state_errors[name] += 1
-                    level = self._log_limiter.level("kv", name)
-                    log.log(level, "state of %s not written: %r", name, error)
+                if not await self._save(hosted, data):
                     hosted.dirty = True
                     all_saved = False
-                    continue
-                hosted.saved, hosted.revision = data, revision
-                self.stats.state_writes[name] += 1
         return all_saved
 
-    async def _reload(self, hosted: _Hosted) -> None:
-        """After a conflict: the store wins. Adopt its entry (or, if it is gone, write ours)."""
+    async def _save(self, hosted: _Hosted, data: bytes) -> bool:
+        """Write one agent's snapshot; return False if it is to be retried later.
+
+        A conflict either adopts the store's entry (done: True) or finds the store gone
+        back to an entry of the agent's own, which is written over at once.
+        """
+        assert self._kv is not None
+        name = hosted.agent.name
+        for _ in range(2):  # a second try only after the store went back
+            try:
+                if hosted.revision is None:
+                    revision = await self._kv.create(name, data)
+                else:
+                    revision = await self._kv.update(name, data, last=hosted.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self.stats.state_conflicts[name] += 1
+                if not await self._reload(hosted):
+                    return True
+                continue
+            except (*_LINK_ERRORS, BusClosedError) as error:
+                self.stats.state_errors[name] += 1
+                level = self._log_limiter.level("kv", name)
+                log.log(level, "state of %s not written: %r", name, error)
+                return False
+            hosted.saved, hosted.revision = data, revision
+            hosted.remember(revision, data)
+            self.stats.state_writes[name] += 1
+            return True
+        return False
+
+    async def _reload(self, hosted: _Hosted) -> bool:
+        """After a conflict: adopt the store's entry, unless it is an older entry of this
+        agent's own (the store went back), which is to be written over. Return True for
+        "write again now" (the store went back), False when done or left to the writer."""
         assert self._kv is not None
         name = hosted.agent.name
         try:
@@ -1002,14 +1055,28 @@ class AgentRunner:
             log.warning("%s: state key vanished during a write; writing ours again", name)
             hosted.revision = None
             self._changed(hosted)
-            return
+            return False
         except _LINK_ERRORS as error:
             log.warning("%s: state conflict, and the reload failed (%r); retrying", name, error)
             self._changed(hosted)
-            return
+            return False
+        value = entry.value or b""
+        if hosted.knows(entry.revision, value):
+            self.stats.state_regressions[name] += 1
+            log.warning(
+                "%s: the store %s went back from revision %s to %s, an entry this agent's "
+                "state already continues from (the server lost later writes); writing this "
+                "agent's state over it",
+                name,
+                self.state_bucket,
+                hosted.revision,
+                entry.revision,
+            )
+            hosted.saved, hosted.revision = value, entry.revision
+            return True
         hosted.revision = entry.revision
         try:
-            hosted.agent.restore(json.loads(entry.value or b"{}"))
+            hosted.agent.restore(json.loads(value or b"{}"))
         except Exception as error:
             self.stats.state_errors[name] += 1
             log.error(
@@ -1021,7 +1088,8 @@ class AgentRunner:
                 error,
             )
             self._changed(hosted)
-            return
+            return False
+        hosted.remember(entry.revision, value)
         hosted.saved = self._snapshot(hosted) or b""
         hosted.rearm.set()
         log.warning(
@@ -1031,6 +1099,7 @@ class AgentRunner:
             entry.revision,
             self.state_bucket,
         )
+        return False
 
 
 async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:

@@ -12,8 +12,10 @@ import asyncio
 import itertools
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -656,9 +658,17 @@ def test_state_is_saved_on_change_and_restored_by_a_new_runner(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(
+    "theirs",
+    [100, 2],
+    ids=["another-state", "a-backup-of-its-own-earlier-state"],
+)
 def test_a_conflicting_write_reloads_the_stored_state(
-    server: EmbeddedNats, subjects: Subjects
+    server: EmbeddedNats, subjects: Subjects, theirs: int
 ) -> None:
+    """Another writer's entry is adopted, even when its bytes equal an earlier write of the
+    runner's own (an operator restoring a backup): it is a new revision, not the store
+    going back, so the pair (revision, digest) does not match."""
     plant = subjects.plant
     counter = Counter("counter", subjects)
 
@@ -674,15 +684,74 @@ def test_a_conflicting_write_reloads_the_stored_state(
             # Another replica writes the key behind this runner's back.
             nc = await raw_client(server)
             kv = await nc.jetstream().key_value(state_bucket_name(plant))
-            await kv.put("counter", b'{"count":100}')
+            await kv.put("counter", json.dumps({"count": theirs}, separators=(",", ":")).encode())
             await nc.close()
 
             await bus.publish(subjects.health("c"), health("c"))  # count 3: the write conflicts
             await eventually(lambda: bus.stats.state_conflicts["counter"] == 1, "the conflict")
-            await eventually(lambda: counter.count == 100, "the reload")
+            await eventually(lambda: counter.count == theirs, "the reload")
             await bus.publish(subjects.health("d"), health("d"))
-            await stored(server, plant, "counter", {"count": 101})
+            await stored(server, plant, "counter", {"count": theirs + 1})
             assert bus.stats.state_conflicts["counter"] == 1
+            assert bus.stats.state_regressions["counter"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_store_that_went_back_is_written_over_not_adopted(
+    tmp_path: Path, subjects: Subjects
+) -> None:
+    """A server killed before JetStream flushed comes back without the tail of its stream:
+    the key holds an older write of this very runner. The agent's state continues from
+    that write, so the runner writes it over the entry instead of going back with it.
+
+    The store really goes back here: the server is stopped, its JetStream store directory
+    is replaced by a copy taken earlier, and it starts again on the same port with the same
+    credentials, so the runner's connection comes back to the older store by itself.
+    """
+    plant = subjects.plant
+    store, early = tmp_path / "store", tmp_path / "early"
+    counter = Counter("counter", subjects)
+    settings = BusSettings(reconnect_wait_s=0.1)
+
+    async def restart(server: EmbeddedNats, bus: Bus, copy_to: Path, copy_from: Path) -> None:
+        """Stop the server gracefully (JetStream flushes), copy its store, start again."""
+        await asyncio.to_thread(server.stop)
+        await eventually(lambda: not bus.connected, "the link down")
+        shutil.rmtree(copy_to, ignore_errors=True)
+        shutil.copytree(copy_from, copy_to)
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: bus.connected, "the link back")
+
+    async def main() -> None:
+        server = EmbeddedNats(store_dir=store)
+        await asyncio.to_thread(server.start)
+        try:
+            async with (
+                Bus(server.endpoint, settings=settings) as bus,
+                AgentRunner(bus, [counter], plant=plant) as runner,
+            ):
+                for machine in ("a", "b"):
+                    await bus.publish(subjects.health(machine), health(machine))
+                await stored(server, plant, "counter", {"count": 2})
+                await restart(server, bus, copy_to=early, copy_from=store)  # keep a copy
+
+                for machine in ("c", "d", "e"):
+                    await bus.publish(subjects.health(machine), health(machine))
+                await stored(server, plant, "counter", {"count": 5})
+                await restart(server, bus, copy_to=store, copy_from=early)  # the store goes back
+                assert await kv_value(server, plant, "counter") == {"count": 2}
+
+                await bus.publish(subjects.health("f"), health("f"))  # count 6: the write conflicts
+                await eventually(lambda: bus.stats.state_conflicts["counter"] == 1, "the conflict")
+                await runner.save_state()  # waits for the writer's save, conflict and all
+                assert await kv_value(server, plant, "counter") == {"count": 6}
+                assert counter.count == 6
+                assert counter.seen == ["a", "b", "c", "d", "e", "f"]
+                assert bus.stats.state_conflicts["counter"] == 1
+                assert bus.stats.state_regressions["counter"] == 1
+        finally:
+            await asyncio.to_thread(server.stop)
 
     asyncio.run(main())
 
