@@ -26,7 +26,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from autofab.envs.instances import Instance
-from autofab.envs.jobshop import OBSERVATION_LAYOUT, observation_scale
+from autofab.envs.jobshop import (
+    OBSERVATION_LAYOUT,
+    observation_scale,
+    op_time_to_work,
+    route_lookahead,
+)
 from autofab.envs.model import schedule_table
 
 __all__ = ["BatchJobShop"]
@@ -57,6 +62,10 @@ class BatchJobShop:
         self._machine = np.append(np.argmax(instance.eligible, axis=1), n_machines)
         self._duration = np.append(instance.min_duration, 0.0)
         self._job_end = np.asarray(instance.job_offsets[1:], dtype=np.int64)
+        # Per operation and the sentinel: the operation after it (the sentinel after a
+        # job's last) and its machine + 1 (0 for the sentinel), for the lookahead blocks.
+        self._after, self._machine_code = route_lookahead(instance)
+        self._time_to_work = op_time_to_work(instance)
         self._scale = observation_scale(instance)
         self._rows = np.arange(copies)
         self.reset()
@@ -104,6 +113,7 @@ class BatchJobShop:
         n_machines = self.instance.n_machines
         now = self.now[:, None]
         k = self.copies
+        after = self._after[self._next]
         raw = {
             "job_next_op_time": self._duration[self._next],
             "job_work_left": self._work,
@@ -113,8 +123,12 @@ class BatchJobShop:
             "machine_wait": self._free[:, :n_machines] - now,
             "machine_work_left": self._machine_work[:, :n_machines],
             "job_can_start": self.mask,
+            "job_next_machine": self._machine_code[self._next],
+            "job_next2_op_time": self._duration[after],
+            "job_next2_machine": self._machine_code[after],
             "progress": np.full((k, 1), self.n_started),
             "time": now,
+            "op_time_to_work": np.full((k, 1), self._time_to_work),
         }
         obs = np.concatenate([raw[name] for name, _ in OBSERVATION_LAYOUT], axis=1)
         obs = (obs * self._scale).astype(np.float32)

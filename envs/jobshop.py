@@ -22,6 +22,8 @@ __all__ = [
     "MaskedDiscrete",
     "observation_blocks",
     "observation_scale",
+    "op_time_to_work",
+    "route_lookahead",
 ]
 
 #: The observation's blocks, in order: (name, one value per "job" | "machine" | "plant").
@@ -34,8 +36,12 @@ OBSERVATION_LAYOUT = (
     ("machine_wait", "machine"),
     ("machine_work_left", "machine"),
     ("job_can_start", "job"),
+    ("job_next_machine", "job"),
+    ("job_next2_op_time", "job"),
+    ("job_next2_machine", "job"),
     ("progress", "plant"),
     ("time", "plant"),
+    ("op_time_to_work", "plant"),
 )
 #: Blocks per job and per machine in :data:`OBSERVATION_LAYOUT`.
 N_JOB_BLOCKS = sum(kind == "job" for _, kind in OBSERVATION_LAYOUT)
@@ -87,15 +93,28 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
 
     ## Observation Space
 
-    ``Box(0, 1, (n_jobs * 6 + n_machines * 2 + 2,), float32)``, a fixed size for a given
+    ``Box(0, 1, (n_jobs * 9 + n_machines * 2 + 3,), float32)``, a fixed size for a given
     instance size, made of the blocks in :data:`OBSERVATION_LAYOUT`. Per job: the next
     operation's processing time, work left, operations left, time until the job is ready,
     time until a machine for its next operation is free (1 once the job is done), and
-    whether it can start now. Per machine: time until free and work still to come. For
-    the plant: fraction of operations started and the current time. Times are divided by
-    the instance's longest operation, work by the largest job or machine load, and the
-    clock by the total work, then clipped to ``[0, 1]``. :func:`observation_blocks` splits
-    an observation (or a batch) back into named blocks.
+    whether it can start now; then the next operation's machine, and the processing time
+    and machine of the operation after it. Per machine: time until free and work still to
+    come. For the plant: fraction of operations started, the current time, and
+    ``op_time_to_work``. Times are divided by the instance's longest operation ``T``, work
+    by the largest job or machine load, and the clock by the total work, then clipped to
+    ``[0, 1]``. :func:`observation_blocks` splits an observation (or a batch) back into
+    named blocks.
+
+    A machine reads ``(index + 1) / n_machines``, and 0 where there is no operation (the
+    job is finished, or has fewer than two operations left); ``round(value * n_machines)
+    - 1`` recovers the index exactly (-1 = none). On a classic shop an operation's
+    machine is its only one. On a flexible shop it is the eligible machine free soonest
+    now (ties to the lowest index), the one ``job_machine_wait`` measures; the processing
+    time of the operation after next is then its shortest over eligible machines at
+    current speeds, as for the next operation. ``op_time_to_work`` is the instance
+    constant ``T / max(job total work)``: a time block times it is in the unit of
+    ``job_work_left``. It lies in ``(0, 1]`` on classic shops; on a flexible shop whose
+    longest duration (on a slow machine) exceeds every job's work it clips to 1.
 
     ## Rewards
 
@@ -125,6 +144,10 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     ## Version History
 
     * v0: initial version.
+    * v0, lookahead: the observation gained ``job_next_machine``, ``job_next2_op_time``,
+      ``job_next2_machine`` (after ``job_can_start``) and ``op_time_to_work`` (last). The
+      id stayed ``v0`` but the observation grew by ``3 * n_jobs + 1``, so SB3 models
+      trained before no longer fit it and the policy loader's space check refuses them.
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012
@@ -163,6 +186,10 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
         self.instance = inst
         self.model = PlantModel(inst)
         self._scale = observation_scale(inst)
+        self._op_after, self._op_machine_code = route_lookahead(inst)
+        # job_next_machine from the model's job_machine (the sentinel reads 0).
+        self._machine_code = np.append(np.arange(1, inst.n_machines + 1), 0).astype(np.float32)
+        self._time_to_work = op_time_to_work(inst)
         self.reward_scale = self._reward_scale_arg or max(inst.max_duration, 1.0)
 
     # ------------------------------------------------------------------ API
@@ -283,18 +310,66 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
         n_jobs, n_machines = self.instance.n_jobs, self.instance.n_machines
         obs = np.empty(self.observation_space.shape, dtype=np.float32)
         a, b, c = 4 * n_jobs, 5 * n_jobs, 5 * n_jobs + 2 * n_machines
+        d, e = c + n_jobs, c + 2 * n_jobs
         obs[:a].reshape(4, n_jobs)[:] = m.job_state
         # Finished jobs' machine is free at +inf: their wait reads 1 after clipping.
         obs[a:b] = m.job_machine_free()
         obs[b:c].reshape(2, n_machines)[:] = m.machine_state[:, :n_machines]
         obs[3 * n_jobs : b + n_machines] -= now
-        obs[c:-2] = m.action_mask()
-        obs[-2] = m.n_started
-        obs[-1] = now
+        obs[c:d] = m.action_mask()
+        # A finished job's next operation clamps to its last, after which comes none.
+        after = self._op_after[np.minimum(m.job_next, m.last_op)]
+        obs[e : e + n_jobs] = m.op_time[after]
+        if m.classic:
+            obs[d:e] = self._machine_code[m.job_machine]
+            obs[e + n_jobs : -3] = self._op_machine_code[after]
+        else:
+            obs[d:e] = self._soonest_free_code(m.job_next, m.job_done)
+            obs[e + n_jobs : -3] = self._soonest_free_code(after, after == self.instance.n_ops)
+        obs[-3] = m.n_started
+        obs[-2] = now
+        obs[-1] = self._time_to_work
         obs *= self._scale
         np.maximum(obs, 0.0, out=obs)
         np.minimum(obs, 1.0, out=obs)
         return obs
+
+    def _soonest_free_code(
+        self, ops: NDArray[np.int64], none: NDArray[np.bool_]
+    ) -> NDArray[np.float64]:
+        """``job_next_machine`` codes of ``ops`` on a flexible shop: the eligible machine
+        free soonest (ties to the lowest index), plus one; 0 where ``none``."""
+        eligible = self.instance.eligible[np.minimum(ops, self.instance.n_ops - 1)]
+        free = np.where(eligible, self.model.machine_free_at, np.inf)
+        return np.where(none, 0.0, free.argmin(axis=1) + 1.0)
+
+
+def route_lookahead(inst: Instance) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Per operation, and for a sentinel ``n_ops`` that stands for "no operation": the
+    operation after it in its job's route (``n_ops`` after a job's last one and after the
+    sentinel), and its ``job_next_machine`` code, ``machine + 1`` (0 for the sentinel).
+
+    The code is the machine of a classic shop; on a flexible shop it names only the first
+    eligible machine, so callers choose among eligible machines themselves.
+    """
+    n_ops = inst.n_ops
+    ops = np.arange(n_ops + 1)
+    last = np.zeros(n_ops + 1, dtype=np.bool_)
+    last[np.asarray(inst.job_offsets[1:]) - 1] = True
+    last[n_ops] = True
+    after = np.where(last, n_ops, ops + 1)
+    code = np.append(np.argmax(inst.eligible, axis=1) + 1, 0).astype(np.float32)
+    return after, code
+
+
+def op_time_to_work(inst: Instance) -> float:
+    """The ``op_time_to_work`` block: the longest operation over the largest job's work.
+
+    Time blocks are divided by the former and ``job_work_left`` by the latter, so a time
+    block times this is in ``job_work_left``'s unit. The same guards against zero as in
+    :func:`observation_scale` (an instance of only zero durations gives 1).
+    """
+    return max(inst.max_duration, 1e-12) / max(float(inst.job_total_work.max()), 1e-12)
 
 
 def _random_spec(spec: Mapping[str, Any]) -> tuple[int, int, int, int]:
@@ -329,7 +404,9 @@ def observation_scale(inst: Instance) -> NDArray[np.float32]:
 
     Times divide by the longest operation, job and machine work by the largest job and
     machine load, the clock by the total work (plus the last release), counts by their
-    maximum. Raw model values times this, clipped to ``[0, 1]``, are the observation.
+    maximum. Machines, raw ``index + 1`` (0 for none), divide by ``n_machines``;
+    ``op_time_to_work`` is already in ``(0, 1]``. Raw model values times this, clipped to
+    ``[0, 1]``, are the observation.
     """
     t_norm = 1.0 / max(inst.max_duration, 1e-12)
     norms = {
@@ -341,8 +418,12 @@ def observation_scale(inst: Instance) -> NDArray[np.float32]:
         "machine_wait": t_norm,
         "machine_work_left": 1.0 / max(float(inst.machine_load.max()), 1e-12),
         "job_can_start": 1.0,
+        "job_next_machine": 1.0 / inst.n_machines,
+        "job_next2_op_time": t_norm,
+        "job_next2_machine": 1.0 / inst.n_machines,
         "progress": 1.0 / inst.n_ops,
         "time": 1.0 / max(float(inst.min_duration.sum() + inst.release.max()), 1e-12),
+        "op_time_to_work": 1.0,
     }
     counts = {"job": inst.n_jobs, "machine": inst.n_machines, "plant": 1}
     return np.concatenate(

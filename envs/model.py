@@ -54,7 +54,9 @@ class PlantModel:
     Also: ``job_next`` (flat index of each job's next operation, ``job_end`` when done),
     ``job_machine`` (classic shops: the machine of that operation, the sentinel when done),
     ``speed`` (per-machine multiplier; processing time divides by it), and per operation
-    ``op_start``, ``op_end`` (NaN until started) and ``op_machine`` (-1 until started).
+    ``op_time`` (processing time on its fastest eligible machine at current speeds, plus
+    a last entry 0 for "no operation" at index ``n_ops``), ``op_start``, ``op_end`` (NaN
+    until started) and ``op_machine`` (-1 until started).
     """
 
     # Row indices of job_state and machine_state; the observation keeps this order.
@@ -92,7 +94,9 @@ class PlantModel:
         self._lb_fixed: list[float] = []
         self._lb_work: list[float] = []
         self.speed = np.ones(n_machines)
+        self.op_time = np.zeros(instance.n_ops + 1)
         self._max_release = float(instance.release.max())
+        self._set_op_time()
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -121,17 +125,22 @@ class PlantModel:
         if not speed > 0:
             raise ValueError(f"machine {machine}: speed must be > 0, got {speed}")
         self.speed[machine] = speed
+        self._set_op_time()
         self._refresh()
+
+    def _set_op_time(self) -> None:
+        """Recompute ``op_time`` for the current speeds."""
+        ops = np.arange(self.instance.n_ops)
+        if self.classic:
+            m = self.fixed_machine
+            self.op_time[:-1] = self._durations[ops, m] / self.speed[m]
+        else:
+            self.op_time[:-1] = self.processing_times(ops).min(axis=1)
 
     def _refresh(self) -> None:
         """Recompute the derived arrays from the primary state (after a bulk change)."""
         nxt = np.minimum(self.job_next, self.last_op)
-        if self.classic:
-            m = self.fixed_machine[nxt]
-            t = self._durations[nxt, m] / self.speed[m]
-        else:
-            t = self.processing_times(nxt).min(axis=1)
-        self.job_op_time[:] = np.where(self.job_next < self.job_end, t, 0.0)
+        self.job_op_time[:] = np.where(self.job_next < self.job_end, self.op_time[nxt], 0.0)
         self._lb_fixed = np.concatenate(
             (self.job_ready + self.job_work_left, self.machine_free_at + self.machine_work_left)
         ).tolist()
@@ -275,9 +284,8 @@ class PlantModel:
             self._lb_fixed[k] = end + mwork
             self._lb_work[k] = mwork
             if nxt < self.job_end[job]:
-                m = self.fixed_machine[nxt]
-                self.job_machine[job] = m
-                self.job_op_time[job] = self._durations[nxt, m] / self.speed[m]
+                self.job_machine[job] = self.fixed_machine[nxt]
+                self.job_op_time[job] = self.op_time[nxt]
             else:
                 self.job_machine[job] = self.sentinel
                 self.job_op_time[job] = 0.0
@@ -286,9 +294,7 @@ class PlantModel:
             n_jobs = len(self.job_ready)
             self._lb_fixed[n_jobs:] = (self.machine_free_at + self.machine_work_left).tolist()
             self._lb_work[n_jobs:] = self.machine_work_left.tolist()
-            self.job_op_time[job] = (
-                self.processing_times(np.array([nxt]))[0].min() if nxt < self.job_end[job] else 0.0
-            )
+            self.job_op_time[job] = self.op_time[nxt] if nxt < self.job_end[job] else 0.0
         self.n_started += 1
         self._mask = None
         return op

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from autofab.envs.batch import BatchJobShop
-from autofab.envs.instances import load_instance, random_instance
+from autofab.envs.instances import Instance, load_instance, random_instance
 from autofab.envs.jobshop import JobShopEnv
 
 
@@ -16,6 +16,17 @@ from autofab.envs.jobshop import JobShopEnv
     "instance", [load_instance("ft06"), load_instance("la16"), random_instance(15, 10, 3)]
 )
 def test_every_copy_matches_its_own_environment(instance: Any) -> None:
+    assert_copies_match_their_environments(instance)
+
+
+def test_routes_of_different_lengths_match_too(uneven_shop: Instance) -> None:
+    # Jobs of 3, 2 and 1 operations: a job's last operation, and the lookahead past it,
+    # come at different steps.
+    assert_copies_match_their_environments(uneven_shop)
+
+
+def assert_copies_match_their_environments(instance: Instance) -> None:
+    """Random trajectories through a BatchJobShop and one JobShopEnv per copy agree."""
     copies = 4
     sim = BatchJobShop(instance, copies)
     envs = [JobShopEnv(instance) for _ in range(copies)]
@@ -28,7 +39,8 @@ def test_every_copy_matches_its_own_environment(instance: Any) -> None:
             np.testing.assert_array_equal(sim.mask[i], env.action_masks())
             live = ~env.model.job_done
             np.testing.assert_array_equal(sim.job_machine[i][live], env.model.job_machine[live])
-            np.testing.assert_allclose(batch_obs[i], obs[i], atol=1e-6)
+            # Bit for bit, the lookahead blocks included.
+            np.testing.assert_array_equal(batch_obs[i], obs[i])
         jobs = np.array([rng.choice(np.flatnonzero(row)) for row in sim.mask])
         sim.step(jobs)
         steps = [env.step(int(job)) for env, job in zip(envs, jobs, strict=True)]

@@ -18,7 +18,12 @@ from autofab.envs import (
     save_instance,
     validate_schedule,
 )
-from autofab.envs.jobshop import N_JOB_BLOCKS, OBSERVATION_LAYOUT, observation_blocks
+from autofab.envs.jobshop import (
+    N_JOB_BLOCKS,
+    OBSERVATION_LAYOUT,
+    observation_blocks,
+    observation_scale,
+)
 
 ENV_ID = "autofab/JobShop-v0"
 RANDOM_SPEC = {"jobs": 6, "machines": 4}
@@ -131,7 +136,7 @@ def test_observation_shape_is_fixed_and_inside_the_box(
     env = make(instance)
     space = env.observation_space
     assert isinstance(space, gym.spaces.Box)
-    assert space.shape == (N_JOB_BLOCKS * n_jobs + 2 * n_machines + 2,)
+    assert space.shape == (N_JOB_BLOCKS * n_jobs + 2 * n_machines + 3,)
     assert space.dtype == np.float32
     for seed in (0, 1):
         observations, _, _ = rollout(env, seed=seed, action_seed=seed)
@@ -159,11 +164,175 @@ def test_observation_blocks_say_what_the_layout_says() -> None:
 
 
 def test_layout_counts_its_blocks() -> None:
-    assert N_JOB_BLOCKS == sum(kind == "job" for _, kind in OBSERVATION_LAYOUT) == 6
-    with pytest.raises(ValueError, match="6 jobs and 6 machines give 50"):
-        observation_blocks(np.zeros(51, dtype=np.float32), 6, 6)
-    with pytest.raises(ValueError, match="6 jobs and 6 machines give 50"):
-        observation_blocks(np.zeros(74, dtype=np.float32), 6, 6)
+    assert N_JOB_BLOCKS == sum(kind == "job" for _, kind in OBSERVATION_LAYOUT) == 9
+    assert sum(kind == "plant" for _, kind in OBSERVATION_LAYOUT) == 3
+    names = [name for name, _ in OBSERVATION_LAYOUT]
+    at = names.index("job_can_start")
+    assert names[at + 1 : at + 4] == ["job_next_machine", "job_next2_op_time", "job_next2_machine"]
+    assert names[-1] == "op_time_to_work"
+    with pytest.raises(ValueError, match="6 jobs and 6 machines give 69"):
+        observation_blocks(np.zeros(70, dtype=np.float32), 6, 6)
+    with pytest.raises(ValueError, match="6 jobs and 6 machines give 69"):
+        observation_blocks(np.zeros(93, dtype=np.float32), 6, 6)
+
+
+# --------------------------------------------------------------------------- lookahead blocks
+
+
+def decode_machine(value: np.ndarray, n_machines: int) -> np.ndarray:
+    """A consumer's reading of a ``job_next_machine``-style block: the index, -1 = none."""
+    return np.rint(value * n_machines).astype(np.int64) - 1
+
+
+def lookahead(obs: np.ndarray, env: gym.Env[Any, Any]) -> dict[str, np.ndarray]:
+    """The lookahead blocks in model units: machine indices (-1 = none) and times."""
+    inst = env.unwrapped.instance
+    blocks = observation_blocks(obs, inst.n_jobs, inst.n_machines)
+    return {
+        "next_machine": decode_machine(blocks["job_next_machine"], inst.n_machines),
+        "next2_time": blocks["job_next2_op_time"] * np.float64(inst.max_duration),
+        "next2_machine": decode_machine(blocks["job_next2_machine"], inst.n_machines),
+    }
+
+
+def expected_lookahead(env: gym.Env[Any, Any]) -> dict[str, np.ndarray]:
+    """The documented definitions, job by job, from the model's state (an oracle)."""
+    inst, model = env.unwrapped.instance, env.unwrapped.model
+    free = model.machine_free_at
+
+    def machine(op: int) -> int:
+        eligible = np.flatnonzero(inst.eligible[op])
+        return int(eligible[np.argmin(free[eligible])])  # free soonest, ties to lowest
+
+    out: dict[str, list[float]] = {"next_machine": [], "next2_time": [], "next2_machine": []}
+    for job in range(inst.n_jobs):
+        left = list(range(int(model.job_next[job]), int(inst.job_offsets[job + 1])))
+        out["next_machine"].append(machine(left[0]) if left else -1)
+        if len(left) >= 2:
+            op = left[1]
+            times = [
+                inst.durations[op, k] / model.speed[k] for k in np.flatnonzero(inst.eligible[op])
+            ]
+            out["next2_time"].append(min(times))
+            out["next2_machine"].append(machine(op))
+        else:
+            out["next2_time"].append(0.0)
+            out["next2_machine"].append(-1)
+    return {key: np.array(values) for key, values in out.items()}
+
+
+def assert_lookahead(obs: np.ndarray, env: gym.Env[Any, Any], **expected: list[float]) -> None:
+    got = lookahead(obs, env)
+    oracle = expected_lookahead(env)
+    for key in got:
+        np.testing.assert_allclose(got[key], oracle[key], rtol=1e-6, err_msg=key)
+    for key, values in expected.items():
+        np.testing.assert_allclose(got[key], values, rtol=1e-6, err_msg=key)
+
+
+def test_lookahead_blocks_by_hand_on_a_classic_shop(uneven_shop: Instance) -> None:
+    env = make(uneven_shop)
+    obs, _ = env.reset(seed=0)
+    # Job 2 has one operation left: nothing after it.
+    assert_lookahead(
+        obs, env, next_machine=[0, 1, 2], next2_time=[2, 5, 0], next2_machine=[1, 0, -1]
+    )
+    assert block(obs, "op_time_to_work", 3, 3)[0] == np.float32(5 / 9)
+    obs, *_ = env.step(2)  # job 2 finishes its only operation
+    assert_lookahead(
+        obs, env, next_machine=[0, 1, -1], next2_time=[2, 5, 0], next2_machine=[1, 0, -1]
+    )
+    obs, *_ = env.step(0)
+    assert_lookahead(
+        obs, env, next_machine=[1, 1, -1], next2_time=[4, 5, 0], next2_machine=[2, 0, -1]
+    )
+    obs, *_ = env.step(1)  # job 1 is left with its last operation
+    assert env.unwrapped.model.now == 3
+    assert_lookahead(
+        obs, env, next_machine=[1, 0, -1], next2_time=[4, 0, 0], next2_machine=[2, -1, -1]
+    )
+    np.testing.assert_array_equal(block(obs, "job_next2_machine", 3, 3), [1.0, 0.0, 0.0])
+    for job in (0, 1, 0):
+        obs, _, terminated, _, _ = env.step(job)
+    assert terminated
+    for name in ("job_next_machine", "job_next2_op_time", "job_next2_machine"):
+        np.testing.assert_array_equal(block(obs, name, 3, 3), np.zeros(3))
+    assert block(obs, "op_time_to_work", 3, 3)[0] == np.float32(5 / 9)
+
+
+def test_lookahead_blocks_by_hand_on_a_flexible_shop(flexible_instance: Instance) -> None:
+    # Machines: mill-1, mill-2, lathe-1, drill-1. Job 1 is released at t=2.
+    env = make(flexible_instance)
+    obs, _ = env.reset(seed=0)
+    # Every machine is free at 0: ties go to the lowest eligible index.
+    assert_lookahead(
+        obs, env, next_machine=[0, 2, 1], next2_time=[3, 4, 1], next2_machine=[2, 0, 0]
+    )
+    obs, *_ = env.step(0)  # job 0 mills on mill-1 until 5
+    assert_lookahead(
+        obs, env, next_machine=[2, 2, 1], next2_time=[2.5, 4, 1], next2_machine=[3, 1, 1]
+    )
+    obs, *_ = env.step(2)  # job 2 on mill-2 until 3; now t=2, when job 1 arrives
+    assert env.unwrapped.model.now == 2
+    # Job 2's milling can go to mill-1 (free at 5), mill-2 (3) or drill-1 (free now).
+    assert_lookahead(
+        obs, env, next_machine=[2, 2, 3], next2_time=[2.5, 4, 4], next2_machine=[3, 1, 3]
+    )
+    inst = flexible_instance
+    expected = max(inst.max_duration, 1e-12) / float(inst.job_total_work.max())
+    assert block(obs, "op_time_to_work", 3, 4)[0] == np.float32(expected)
+
+
+@pytest.mark.parametrize("instance", ["ft06", "la01", "random", "flexible", "uneven"])
+def test_lookahead_blocks_follow_their_definition_along_random_episodes(
+    instance: Any, flexible_instance: Instance, uneven_shop: Instance
+) -> None:
+    named = {"random": RANDOM_SPEC, "flexible": flexible_instance, "uneven": uneven_shop}
+    spec = named.get(instance, instance)
+    env = make(spec)
+    for seed in (0, 1, 2):
+        rng = np.random.default_rng(seed)
+        obs, _ = env.reset(seed=seed)
+        terminated = False
+        while not terminated:
+            assert_lookahead(obs, env)
+            obs, _, terminated, _, _ = env.step(int(rng.choice(np.flatnonzero(masks(env)))))
+        assert_lookahead(obs, env)
+
+
+def test_lookahead_times_follow_machine_speeds() -> None:
+    env = make("ft06")
+    env.unwrapped.model.set_speed(0, 2.0)  # job 0's second operation takes 3 on M0
+    obs, _ = env.reset(seed=0)  # a reset keeps the speeds
+    assert_lookahead(obs, env)
+    assert lookahead(obs, env)["next2_time"][0] == pytest.approx(1.5)
+
+
+def test_machine_codes_decode_exactly() -> None:
+    for n_machines in range(1, 1001):
+        # The env's arithmetic: float32 raw value times the float32 scale, clipped to 1.
+        scale = np.float32(1.0 / n_machines)
+        raw = np.arange(n_machines + 1, dtype=np.float32)  # 0 = none, k = machine k - 1
+        value = np.minimum(raw * scale, np.float32(1.0))
+        for read in (value, value.astype(np.float64)):
+            np.testing.assert_array_equal(
+                decode_machine(read, n_machines), np.arange(-1, n_machines), str(n_machines)
+            )
+
+
+@pytest.mark.parametrize("n_machines", [1, 7, 100])
+def test_observation_scale_encodes_machines_as_documented(n_machines: int) -> None:
+    env = make({"jobs": 3, "machines": n_machines})
+    obs, _ = env.reset(seed=n_machines)
+    inst = env.unwrapped.instance
+    scale = observation_scale(inst)
+    blocks = observation_blocks(scale, inst.n_jobs, n_machines)
+    assert blocks["job_next_machine"][0] == np.float32(1.0 / n_machines)
+    assert blocks["job_next2_op_time"][0] == blocks["job_next_op_time"][0]
+    assert blocks["op_time_to_work"][0] == 1.0
+    np.testing.assert_array_equal(
+        lookahead(obs, env)["next_machine"], env.unwrapped.model.job_machine
+    )
 
 
 # --------------------------------------------------------------------------- actions
