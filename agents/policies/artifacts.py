@@ -49,6 +49,7 @@ from autofab.agents.policies.dispatcher import (
     DEFAULT_DISPATCHER,
     DispatcherLoadError,
     DispatcherPolicy,
+    check_layout,
     layout_names,
     load_dispatcher,
 )
@@ -378,9 +379,14 @@ def load_policy(
         return _load_dispatcher_file(path, env)
     meta = read_policy_json(path)
     if meta["algo"] == SELF_LABELING:
-        if env is not None:
-            _check_dispatcher_env(meta, env, f"the env (policy {str(path)!r})")
-        return _load_dispatcher_file(path / str(meta.get("model_file", DISPATCHER_FILE)), None)
+        trained_on = meta["observation_space"].get("layout")
+        if not isinstance(trained_on, list):
+            raise PolicyLoadError(
+                f"{str(path / POLICY_FILE)!r}: observation_space has no layout list"
+            )
+        return _load_dispatcher_file(
+            path / str(meta.get("model_file", DISPATCHER_FILE)), env, [str(n) for n in trained_on]
+        )
     if env is not None:
         where = f"the env (policy {str(path)!r})"
         _check_space("observation", meta["observation_space"], env.observation_space, where)
@@ -415,8 +421,10 @@ def dispatcher_spaces() -> tuple[dict[str, Any], dict[str, Any]]:
     return observation, {"type": "Discrete", "n": "n_jobs"}
 
 
-def _check_dispatcher_env(meta: Mapping[str, Any], env: gym.Env[Any, Any], where: str) -> None:
-    """A dispatcher needs a JobShop-v0 env with the layout it was trained on."""
+def _check_dispatcher_env(
+    policy: DispatcherPolicy, trained_on: Sequence[str], env: gym.Env[Any, Any], where: str
+) -> None:
+    """A dispatcher needs a JobShop-v0 env that has every block it reads."""
     from autofab.envs.jobshop import JobShopEnv
 
     if not isinstance(env.unwrapped, JobShopEnv):
@@ -424,22 +432,24 @@ def _check_dispatcher_env(meta: Mapping[str, Any], env: gym.Env[Any, Any], where
             f"observation space of {where} does not fit: a self-labeling dispatcher acts on "
             f"autofab/JobShop-v0, found {type(env.unwrapped).__name__}"
         )
-    expected = meta["observation_space"].get("layout")
-    if expected != layout_names():
-        raise PolicyLoadError(
-            f"observation space of {where} does not match policy.json (differs in layout): "
-            f"expected {expected}, found {layout_names()}"
-        )
+    try:
+        check_layout(policy.blocks, trained_on, where)
+    except DispatcherLoadError as exc:
+        raise PolicyLoadError(f"observation space of {exc} (differs in layout)") from None
 
 
-def _load_dispatcher_file(path: Path, env: gym.Env[Any, Any] | None) -> DispatcherPolicy:
+def _load_dispatcher_file(
+    path: Path, env: gym.Env[Any, Any] | None, trained_on: Sequence[str] | None = None
+) -> DispatcherPolicy:
+    """The dispatcher in ``path``; with ``env``, checked against it. ``trained_on``: the
+    layout a run's ``policy.json`` recorded (the file's own layout is checked on load)."""
     try:
         policy = load_dispatcher(path)
     except DispatcherLoadError as exc:
         raise PolicyLoadError(str(exc)) from None
     if env is not None:
-        observation, _ = dispatcher_spaces()
-        _check_dispatcher_env({"observation_space": observation}, env, repr(str(path)))
+        layout = layout_names() if trained_on is None else trained_on
+        _check_dispatcher_env(policy, layout, env, repr(str(path)))
     return policy
 
 

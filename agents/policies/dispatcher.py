@@ -8,9 +8,15 @@ instance size follows from the observation (:func:`~autofab.envs.jobshop.observa
 This module needs only numpy: deployment (``autofab evaluate``, the agents) does not need
 torch. Training lives in :mod:`autofab.agents.policies.self_labeling`.
 
+Two feature sets exist (:data:`FEATURE_SETS`). ``basic`` reads each job's own blocks and
+pools the rest. ``routing`` adds what a job's choice does to the jobs it competes with:
+the jobs whose next operation is on the same machine ("rivals"), the bound on their
+completion if this job goes first, the delay it imposes on them, and where its route goes
+next (:func:`routing_features`).
+
 The weights file is a plain ``.npz`` (no pickle): the layers, a format version, the
-observation layout the policy was trained on (a policy is refused on an env whose layout
-differs) and a JSON string of provenance (how it was trained).
+feature set, the observation layout the policy was trained on (a policy is refused on an
+env that lacks a block it reads) and a JSON string of provenance (how it was trained).
 
 >>> policy = load_dispatcher(DEFAULT_DISPATCHER)
 >>> job = policy(obs, env.action_masks())
@@ -31,43 +37,64 @@ from numpy.typing import NDArray
 
 from autofab.envs.batch import BatchJobShop
 from autofab.envs.instances import Instance
-from autofab.envs.jobshop import (
-    N_JOB_BLOCKS,
-    N_MACHINE_BLOCKS,
-    OBSERVATION_LAYOUT,
-    observation_blocks,
-)
+from autofab.envs.jobshop import OBSERVATION_LAYOUT, observation_blocks
 
 __all__ = [
     "DEFAULT_DISPATCHER",
+    "FEATURE_SETS",
     "FORMAT_VERSION",
     "N_FEATURES",
+    "N_ROUTING",
     "DispatcherLoadError",
     "DispatcherPolicy",
     "Picker",
     "Rollout",
     "SampledSchedule",
+    "check_layout",
     "greedy_picker",
     "job_features",
     "layout_names",
     "load_dispatcher",
+    "n_features",
     "rollout",
+    "routing_features",
     "sample_schedule",
     "sampling_picker",
     "save_dispatcher",
 ]
 
-#: Features per job: its own job blocks, their mean and max over jobs, the machine
-#: blocks' mean and max over machines, and the two plant entries.
-N_FEATURES = 3 * N_JOB_BLOCKS + 2 * N_MACHINE_BLOCKS + 2
-#: The ``.npz`` layout written by :func:`save_dispatcher`.
-FORMAT_VERSION = 2
+#: The blocks the ``basic`` features read, by kind. Named, not taken from the whole layout,
+#: so that blocks added to ``JobShop-v0`` later do not change what a trained policy reads.
+_JOB_BLOCKS = (
+    "job_next_op_time",
+    "job_work_left",
+    "job_ops_left",
+    "job_wait",
+    "job_machine_wait",
+    "job_can_start",
+)
+_MACHINE_BLOCKS = ("machine_wait", "machine_work_left")
+_PLANT_BLOCKS = ("progress", "time")
+#: The further blocks the ``routing`` features read.
+_ROUTING_BLOCKS = ("job_next_machine", "job_next2_op_time", "job_next2_machine", "op_time_to_work")
+
+#: ``basic`` features per job: its own job blocks, their mean and max over jobs, the
+#: machine blocks' mean and max over machines, and the plant entries.
+N_FEATURES = 3 * len(_JOB_BLOCKS) + 2 * len(_MACHINE_BLOCKS) + len(_PLANT_BLOCKS)
+#: Per-job features :func:`routing_features` computes.
+N_ROUTING = 9
+#: Feature set name -> the blocks it reads. ``routing`` features are the ``basic`` ones,
+#: then the :data:`N_ROUTING` routing features, their mean and their max over jobs.
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "basic": _JOB_BLOCKS + _MACHINE_BLOCKS + _PLANT_BLOCKS,
+    "routing": _JOB_BLOCKS + _MACHINE_BLOCKS + _PLANT_BLOCKS + _ROUTING_BLOCKS,
+}
+#: The ``.npz`` layout written by :func:`save_dispatcher` (3 added the feature set).
+FORMAT_VERSION = 3
+#: Older formats :func:`load_dispatcher` still reads (2: ``basic`` features only).
+_READABLE_FORMATS = (2, 3)
 #: The dispatcher shipped with autofab (see ``pretrained/README.md`` for how it was made).
 DEFAULT_DISPATCHER = Path(__file__).resolve().parent / "pretrained" / "jobshop_dispatcher.npz"
-
-_JOB_BLOCKS = [name for name, kind in OBSERVATION_LAYOUT if kind == "job"]
-_MACHINE_BLOCKS = [name for name, kind in OBSERVATION_LAYOUT if kind == "machine"]
-_PLANT_BLOCKS = [name for name, kind in OBSERVATION_LAYOUT if kind == "plant"]
 
 
 class DispatcherLoadError(ValueError):
@@ -79,18 +106,36 @@ def layout_names() -> list[str]:
     return [name for name, _ in OBSERVATION_LAYOUT]
 
 
-def job_features(obs: NDArray[np.float32], n_jobs: int) -> NDArray[np.float32]:
-    """``(n_jobs, N_FEATURES)``: each job's own blocks next to pooled context.
+def n_features(features: str = "basic") -> int:
+    """Inputs per job of the feature set ``features`` (a key of :data:`FEATURE_SETS`)."""
+    if features not in FEATURE_SETS:
+        raise ValueError(f"unknown feature set {features!r}; known: {sorted(FEATURE_SETS)}")
+    return N_FEATURES + (3 * N_ROUTING if features == "routing" else 0)
+
+
+def _blocks(obs: NDArray[np.float32], n_jobs: int) -> dict[str, NDArray[np.float32]]:
+    """A batch ``(B, size)`` of observations split into named blocks."""
+    per_machine = sum(kind == "machine" for _, kind in OBSERVATION_LAYOUT)
+    fixed = sum(kind == "job" for _, kind in OBSERVATION_LAYOUT) * n_jobs + sum(
+        kind == "plant" for _, kind in OBSERVATION_LAYOUT
+    )
+    n_machines = (obs.shape[-1] - fixed) // max(per_machine, 1)
+    return observation_blocks(obs, n_jobs, n_machines)
+
+
+def job_features(
+    obs: NDArray[np.float32], n_jobs: int, features: str = "basic"
+) -> NDArray[np.float32]:
+    """``(n_jobs, n_features(features))``: each job's own blocks next to pooled context.
 
     ``obs`` is one ``JobShop-v0`` observation ``(size,)`` or a batch ``(B, size)`` (then
-    the result is ``(B, n_jobs, N_FEATURES)``); the machine count follows from the size.
+    the result is ``(B, n_jobs, n_features)``); the machine count follows from the size.
     """
     x = np.asarray(obs, dtype=np.float32)
     single = x.ndim == 1
     if single:
         x = x[None]
-    n_machines = (x.shape[-1] - N_JOB_BLOCKS * n_jobs - len(_PLANT_BLOCKS)) // N_MACHINE_BLOCKS
-    blocks = observation_blocks(x, n_jobs, n_machines)
+    blocks = _blocks(x, n_jobs)
     jobs = np.stack([blocks[name] for name in _JOB_BLOCKS], axis=1)  # (B, blocks, jobs)
     machines = np.stack([blocks[name] for name in _MACHINE_BLOCKS], axis=1)
     context = np.concatenate(
@@ -103,10 +148,81 @@ def job_features(obs: NDArray[np.float32], n_jobs: int) -> NDArray[np.float32]:
         ],
         axis=1,
     )
-    out = np.empty((x.shape[0], n_jobs, N_FEATURES), dtype=np.float32)
-    out[:, :, :N_JOB_BLOCKS] = jobs.transpose(0, 2, 1)
-    out[:, :, N_JOB_BLOCKS:] = context[:, None, :]
+    out = np.empty((x.shape[0], n_jobs, n_features(features)), dtype=np.float32)
+    out[:, :, : len(_JOB_BLOCKS)] = jobs.transpose(0, 2, 1)
+    out[:, :, len(_JOB_BLOCKS) : N_FEATURES] = context[:, None, :]
+    if features == "routing":
+        own = routing_features(blocks)
+        out[:, :, N_FEATURES : N_FEATURES + N_ROUTING] = own
+        out[:, :, N_FEATURES + N_ROUTING : N_FEATURES + 2 * N_ROUTING] = own.mean(axis=1)[:, None]
+        out[:, :, N_FEATURES + 2 * N_ROUTING :] = own.max(axis=1)[:, None]
     return out[0] if single else out
+
+
+def _machine_index(encoded: NDArray[np.float32], n_machines: int) -> NDArray[np.int64]:
+    """Machine indices from a ``job_next_machine``-style block; -1 where there is none."""
+    return np.rint(encoded * n_machines).astype(np.int64) - 1
+
+
+def routing_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.float32]:
+    """``(B, n_jobs, N_ROUTING)``: what each job's route and rivals look like.
+
+    ``blocks`` is a batch of observations split by :func:`observation_blocks`. A job's
+    *rivals* are the other unfinished jobs whose next operation is on the same machine.
+    Times are in units of the longest operation ``T``; ``op_time_to_work`` turns the job
+    work block (in units of the largest job's work ``W``) into ``T`` too. Per job:
+
+    0. work still to come on its next machine (``machine_work_left`` of that machine);
+    1. processing time of the operation after next;
+    2. time until that operation's machine is free;
+    3. work still to come on that machine;
+    4. rivals, over ``n_jobs``;
+    5. rivals that can start now, over ``n_jobs``;
+    6. the rivals' completion bound if this job starts now: the largest
+       ``max(rival ready, this job's end) + rival's work left``, over ``T + W``;
+    7. how far that bound lies above the current bound of all jobs (``ready + work``),
+       in ``T``, clipped to ``[-1, 1]``;
+    8. the delay this job imposes on its rivals' readiness, summed, over ``4 T``.
+
+    An empty maximum (no rivals) is 0, so a job without rivals, and a finished job, scores
+    0 on 6 and ``-bound`` (clipped) on 7; finished jobs score 0 on all the others.
+    """
+    can_start = blocks["job_can_start"]
+    b, n_jobs = can_start.shape
+    n_machines = blocks["machine_wait"].shape[1]
+    ratio = blocks["op_time_to_work"].astype(np.float64)  # (B, 1): T / W
+    machine = _machine_index(blocks["job_next_machine"], n_machines)
+    after_next = _machine_index(blocks["job_next2_machine"], n_machines)
+    # Index -1 ("no machine") reads the zero column appended at the end.
+    pad = np.zeros((b, 1), dtype=np.float32)
+    work = np.concatenate([blocks["machine_work_left"], pad], axis=1)
+    wait = np.concatenate([blocks["machine_wait"], pad], axis=1)
+    done = machine < 0
+    rival = (machine[:, :, None] == machine[:, None, :]) & ~done[:, :, None]
+    rival[:, np.arange(n_jobs), np.arange(n_jobs)] = False
+    ready = blocks["job_wait"].astype(np.float64)  # (B, J), in T
+    op_time = blocks["job_next_op_time"].astype(np.float64)
+    job_work = blocks["job_work_left"] / np.maximum(ratio, 1e-12)  # in T
+    # Rival k's bound if job j starts now: max(ready_k, end_j) + work_k.
+    after = np.maximum(ready[:, None, :], op_time[:, :, None]) + job_work[:, None, :]
+    rivals_bound = np.where(rival, after, 0.0).max(axis=2)
+    bound = (ready + job_work).max(axis=1, keepdims=True)
+    delay = np.where(rival, np.maximum(op_time[:, :, None] - ready[:, None, :], 0.0), 0.0)
+    out = np.stack(
+        [
+            np.take_along_axis(work, machine, axis=1),
+            blocks["job_next2_op_time"],
+            np.take_along_axis(wait, after_next, axis=1),
+            np.take_along_axis(work, after_next, axis=1),
+            rival.sum(axis=2) / n_jobs,
+            (rival & (can_start[:, None, :] > 0.5)).sum(axis=2) / n_jobs,
+            np.clip(rivals_bound * ratio / (1.0 + ratio), 0.0, 1.0),
+            np.clip(rivals_bound - bound, -1.0, 1.0),
+            np.clip(delay.sum(axis=2) / 4.0, 0.0, 1.0),
+        ],
+        axis=2,
+    )
+    return out.astype(np.float32)
 
 
 class DispatcherPolicy:
@@ -121,17 +237,21 @@ class DispatcherPolicy:
         self,
         layers: Sequence[tuple[NDArray[np.float32], NDArray[np.float32]]],
         meta: Mapping[str, Any] | None = None,
+        features: str = "basic",
     ) -> None:
-        """``layers``: ``(weight (in, out), bias (out,))`` per layer, tanh between them."""
+        """``layers``: ``(weight (in, out), bias (out,))`` per layer, tanh between them;
+        ``features``: the feature set (:data:`FEATURE_SETS`) the first layer reads."""
         if not layers:
             raise ValueError("a dispatcher needs at least one layer")
+        n_in = n_features(features)
+        self.features = features
         self.layers = [
             (np.ascontiguousarray(w, dtype=np.float32), np.asarray(b, dtype=np.float32))
             for w, b in layers
         ]
-        if self.layers[0][0].shape[0] != N_FEATURES or self.layers[-1][0].shape[1] != 1:
+        if self.layers[0][0].shape[0] != n_in or self.layers[-1][0].shape[1] != 1:
             raise ValueError(
-                f"a dispatcher maps {N_FEATURES} features to 1 score; these layers map "
+                f"a {features!r} dispatcher maps {n_in} features to 1 score; these layers map "
                 f"{self.layers[0][0].shape[0]} to {self.layers[-1][0].shape[1]}"
             )
         for (w, b), (w_next, _) in zip(self.layers, self.layers[1:], strict=False):
@@ -139,13 +259,22 @@ class DispatcherPolicy:
                 raise ValueError(f"layer shapes do not chain: {w.shape}, {b.shape}")
         self.meta: dict[str, Any] = dict(meta or {})
 
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """The observation blocks this policy reads."""
+        return FEATURE_SETS[self.features]
+
+    def features_of(self, obs: NDArray[np.float32], n_jobs: int) -> NDArray[np.float32]:
+        """This policy's inputs for one observation or a batch (see :func:`job_features`)."""
+        return job_features(obs, n_jobs, self.features)
+
     def scores(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Logits for ``(..., N_FEATURES)`` features."""
+        """Logits for ``(..., n_features)`` features."""
         return mlp_forward(self.layers, features)[..., 0]
 
     def __call__(self, obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> int:
         mask = np.asarray(mask, dtype=bool)
-        logits = self.scores(job_features(obs, mask.shape[0]))
+        logits = self.scores(self.features_of(obs, mask.shape[0]))
         return int(np.argmax(np.where(mask, logits, -np.inf)))
 
 
@@ -204,7 +333,7 @@ def greedy_picker(policy: DispatcherPolicy, n_jobs: int) -> Picker:
     """The policy's own choice in every copy: the valid job with the highest score."""
 
     def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
-        logits = policy.scores(job_features(obs, n_jobs))
+        logits = policy.scores(policy.features_of(obs, n_jobs))
         return np.argmax(np.where(mask, logits, -np.inf), axis=1)
 
     return pick
@@ -217,7 +346,7 @@ def sampling_picker(
     ``greedy_copies`` copies take the greedy choice instead."""
 
     def pick(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
-        raw = policy.scores(job_features(obs, n_jobs))
+        raw = policy.scores(policy.features_of(obs, n_jobs))
         if not np.isfinite(raw[mask]).all():
             raise FloatingPointError(
                 "the dispatcher's scores are not finite (diverged weights?); "
@@ -324,11 +453,12 @@ def layers_finite(layers: Layers) -> bool:
 def save_dispatcher(
     policy: DispatcherPolicy, path: str | Path, meta: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write the weights, the observation layout and ``meta`` (JSON) to ``path``."""
+    """Write the weights, the feature set, the observation layout and ``meta`` (JSON)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {
         "format_version": np.asarray(FORMAT_VERSION),
+        "features": np.asarray(policy.features),
         "layout": np.asarray(layout_names()),
         "meta": np.asarray(json.dumps({**policy.meta, **(meta or {})}, sort_keys=True)),
     }
@@ -339,24 +469,26 @@ def save_dispatcher(
 
 
 def load_dispatcher(path: str | Path) -> DispatcherPolicy:
-    """Read a dispatcher written by :func:`save_dispatcher`.
+    """Read a dispatcher written by :func:`save_dispatcher` (this format or format 2).
 
     Raises:
-        DispatcherLoadError: The file is missing, not an ``.npz``, of another format
-            version, made for another observation layout, or holds bad weights. The
-            message names the file and the fault.
+        DispatcherLoadError: The file is missing, not an ``.npz``, of an unknown format
+            version or feature set, needs an observation block this autofab's env lacks
+            (or one its own layout lacked), or holds bad weights. The message names the
+            file and the fault.
     """
     where = repr(str(path))
     try:
         with np.load(Path(path), allow_pickle=False) as data:
             files = set(data.files)
             version = int(data["format_version"]) if "format_version" in files else None
-            if version != FORMAT_VERSION:
+            if version not in _READABLE_FORMATS:
                 raise DispatcherLoadError(
                     f"{where} is not a dispatcher of format {FORMAT_VERSION} "
                     f"(found format {version})"
                 )
             layout = [str(name) for name in data["layout"]]
+            features = str(data["features"]) if "features" in files else "basic"
             meta = json.loads(str(data["meta"])) if "meta" in files else {}
             layers = read_layers(data)
     except DispatcherLoadError:
@@ -365,14 +497,33 @@ def load_dispatcher(path: str | Path) -> DispatcherPolicy:
         raise DispatcherLoadError(f"{where} does not exist") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise DispatcherLoadError(f"{where} is not a readable dispatcher file: {exc}") from None
-    if layout != layout_names():
+    if features not in FEATURE_SETS:
         raise DispatcherLoadError(
-            f"{where} was trained on another JobShop-v0 observation layout: the file has "
-            f"{layout}, this autofab's env has {layout_names()}"
+            f"{where} reads feature set {features!r}, which this autofab does not know "
+            f"(known: {sorted(FEATURE_SETS)})"
         )
+    check_layout(FEATURE_SETS[features], layout, where)
     if not layers_finite(layers):
         raise DispatcherLoadError(f"{where} holds non-finite weights")
     try:
-        return DispatcherPolicy(layers, meta)
+        return DispatcherPolicy(layers, meta, features)
     except ValueError as exc:
         raise DispatcherLoadError(f"{where}: {exc}") from None
+
+
+def check_layout(blocks: Sequence[str], trained_on: Sequence[str], where: str) -> None:
+    """Refuse a dispatcher unless every block it reads was in the layout it was trained on
+    and is in this autofab's ``JobShop-v0`` layout (blocks are matched by name, so blocks
+    added later, or moved, do not matter).
+
+    Raises:
+        DispatcherLoadError: naming the missing blocks and both layouts.
+    """
+    current = layout_names()
+    for layout, whose in ((trained_on, "the layout it was trained on"), (current, "this env")):
+        missing = [name for name in blocks if name not in layout]
+        if missing:
+            raise DispatcherLoadError(
+                f"{where} reads observation block(s) {missing} that {whose} lacks: trained on "
+                f"{list(trained_on)}, this autofab's JobShop-v0 has {current}"
+            )

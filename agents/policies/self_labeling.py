@@ -31,12 +31,13 @@ from numpy.typing import NDArray
 from torch import nn
 
 from autofab.agents.policies.dispatcher import (
-    N_FEATURES,
+    FEATURE_SETS,
     DispatcherPolicy,
     Picker,
     Rollout,
     greedy_picker,
     job_features,
+    n_features,
     rollout,
     sampling_picker,
 )
@@ -67,12 +68,13 @@ VALIDATION_SEED = 12_345
 
 
 class _Scorer(nn.Module):
-    """The per-job MLP in torch, for training: ``(..., N_FEATURES) -> (...)`` logits."""
+    """The per-job MLP in torch, for training: ``(..., n_features) -> (...)`` logits."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, features: str = "basic") -> None:
         super().__init__()
+        self.features = features
         self.net = nn.Sequential(
-            nn.Linear(N_FEATURES, hidden),
+            nn.Linear(n_features(features), hidden),
             nn.Tanh(),
             nn.Linear(hidden, hidden),
             nn.Tanh(),
@@ -88,7 +90,9 @@ class _Scorer(nn.Module):
         A network with wider hidden layers than ``policy``'s is *widened* without changing
         its function (net2net style): the given weights fill the top-left corner, the new
         hidden units keep their random incoming weights, and their outgoing weights are
-        zero, so they start silent and training decides what they learn.
+        zero, so they start silent and training decides what they learn. A ``basic``
+        policy loads into a ``routing`` network the same way: the routing features come
+        after the basic ones and their input weights start at zero.
         """
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         shapes = [(m.in_features, m.out_features) for m in linears]
@@ -96,7 +100,16 @@ class _Scorer(nn.Module):
         fits = len(given) == len(shapes) and all(
             gi <= si and go <= so for (gi, go), (si, so) in zip(given, shapes, strict=True)
         )
-        if not fits or given[0][0] != shapes[0][0] or given[-1][1] != shapes[-1][1]:
+        features_fit = policy.features == self.features or (
+            policy.features == "basic" and self.features == "routing"
+        )
+        if not features_fit:
+            raise ValueError(
+                f"init weights read the {policy.features!r} features; this network reads "
+                f"{self.features!r} (an init may read the same features, or 'basic' ones "
+                "to start a 'routing' network)"
+            )
+        if not fits or given[-1][1] != shapes[-1][1]:
             raise ValueError(
                 f"init weights have layers {given}; this network has {shapes} (the init "
                 "may be as wide or narrower, never wider, with the same depth)"
@@ -112,7 +125,8 @@ class _Scorer(nn.Module):
         """A numpy copy of the current weights."""
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         return DispatcherPolicy(
-            [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears]
+            [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears],
+            features=self.features,
         )
 
 
@@ -170,7 +184,7 @@ def _loss(
         if not keep.any():
             return th.zeros((), requires_grad=True)
         obs, masks, actions = obs[keep], masks[keep], actions[keep]
-    feats = job_features(obs, n_jobs)
+    feats = job_features(obs, n_jobs, module.features)
     logits = module(th.from_numpy(feats)).masked_fill(~th.from_numpy(masks), -1e9)
     return nn.functional.cross_entropy(logits, th.from_numpy(actions))
 
@@ -211,6 +225,7 @@ def train_self_labeling(
     init: DispatcherPolicy | None = None,
     lr_final: float | None = None,
     loss_over: str = "machine",
+    features: str = "basic",
     on_iteration: Callable[[TrainStats], None] | None = None,
     on_best: Callable[[DispatcherPolicy], None] | None = None,
 ) -> DispatcherPolicy:
@@ -240,6 +255,9 @@ def train_self_labeling(
             ``max_env_steps`` is closest to running out); ``None`` keeps ``lr``.
         loss_over: ``"machine"``: score each label decision against the jobs waiting for
             the same machine only (see :func:`_loss`); ``"all"``: against every valid job.
+        features: The feature set the network reads (``"basic"`` or ``"routing"``, see
+            :data:`~autofab.agents.policies.dispatcher.FEATURE_SETS`); a ``basic`` ``init``
+            may start a ``routing`` network.
         on_iteration: Called after every iteration (progress bars, logs).
         on_best: Called with the weights each time they reach a new best validation score
             (a checkpoint: a run that is stopped or fails keeps its best weights).
@@ -256,6 +274,7 @@ def train_self_labeling(
         "lr": lr > 0,
         "lr_final": lr_final is None or 0 < lr_final <= lr,
         "loss_over": loss_over in LOSS_OVER,
+        "features": features in FEATURE_SETS,
         "validate_every": validate_every >= 1,
         "sizes": len(sizes) > 0 and all(j >= 1 and m >= 1 for j, m in sizes),
     }
@@ -269,17 +288,19 @@ def train_self_labeling(
             "lr": lr,
             "lr_final": lr_final,
             "loss_over": loss_over,
+            "features": features,
             "validate_every": validate_every,
             "sizes": list(sizes),
         }
         raise ValueError(
             "self-labeling needs iterations >= 0, samples, batch, hidden and validate_every "
-            f">= 1, lr > 0, 0 < lr_final <= lr, loss_over in {LOSS_OVER} and at least one "
-            "size; got " + ", ".join(f"{name}={values[name]}" for name in bad)
+            f">= 1, lr > 0, 0 < lr_final <= lr, loss_over in {LOSS_OVER}, features in "
+            f"{sorted(FEATURE_SETS)} and at least one size; got "
+            + ", ".join(f"{name}={values[name]}" for name in bad)
         )
     th.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    module = _Scorer(hidden)
+    module = _Scorer(hidden, features)
     if init is not None:
         module.load(init)
         imitation_instances = 0
@@ -345,7 +366,7 @@ def train_self_labeling(
             if score < best_score:
                 best, best_score = candidate, score
                 if on_best is not None:
-                    on_best(DispatcherPolicy(best.layers, {"checkpoint_iteration": done}))
+                    on_best(DispatcherPolicy(best.layers, {"checkpoint_iteration": done}, features))
         if on_iteration is not None:
             on_iteration(
                 TrainStats(
@@ -381,13 +402,14 @@ def train_self_labeling(
             "lr": lr,
             "lr_final": lr_final,
             "loss_over": loss_over,
+            "features": features,
             "imitation_instances": imitation_instances,
             "init": None if init is None else init.meta.get("source", "given weights"),
             "validation_instances_per_size": validation_instances_per_size,
             "validate_every": validate_every,
         },
     }
-    return DispatcherPolicy(final.layers, meta)
+    return DispatcherPolicy(final.layers, meta, features)
 
 
 # --------------------------------------------------------------------------- autofab train
@@ -400,6 +422,7 @@ HYPERPARAMS: dict[str, str] = {
     "hidden": "an integer >= 1: width of the two hidden layers",
     "learning_rate": "a number > 0",
     "loss_over": "'machine' (a label is scored against the jobs waiting for its machine) or 'all'",
+    "features": "'basic' or 'routing': the dispatcher's feature set",
     "learning_rate_final": "a number > 0 (at most learning_rate): cosine-anneal to it, or null",
     "sizes": "a list of [jobs, machines] pairs to draw training instances from",
     "imitation_instances": "an integer >= 0: MWKR warm-start instances",
@@ -427,6 +450,8 @@ def _valid(key: str, value: Any) -> bool:
         return isinstance(value, str) and bool(value)
     if key == "loss_over":
         return value in LOSS_OVER
+    if key == "features":
+        return value in FEATURE_SETS
     if key == "sizes":
         return (
             isinstance(value, list)

@@ -24,7 +24,11 @@ from autofab.agents.policies.artifacts import (
 )
 from autofab.agents.policies.training import TrainSpec, train_one
 from autofab.envs import validate_schedule
-from autofab.envs.jobshop import MaskedDiscrete
+from autofab.envs.jobshop import JobShopEnv, MaskedDiscrete
+
+#: Observation sizes of ft06 (6 jobs, 6 machines) and ta01 (15 x 15).
+FT06_SIZE = JobShopEnv("ft06").observation_space.shape[0]  # type: ignore[index]
+TA01_SIZE = JobShopEnv("ta01").observation_space.shape[0]  # type: ignore[index]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,7 @@ def test_policy_json_records_env_spaces_command_and_version(run_dir: Path) -> No
     assert meta["env_version"] == 0
     assert meta["env_kwargs"] == {"instance": "ft06"}
     assert meta["observation_space"]["type"] == "Box"
-    assert meta["observation_space"]["shape"] == [6 * 6 + 6 * 2 + 2]
+    assert meta["observation_space"]["shape"] == [FT06_SIZE]
     assert meta["action_space"] == {
         "type": "Discrete",
         "shape": [],
@@ -125,12 +129,12 @@ def test_env_with_other_spaces_is_refused_naming_the_space(run_dir: Path) -> Non
     message = str(info.value)
     assert "expected" in message
     assert "found" in message
-    assert '"shape": [50]' in message
-    assert '"shape": [122]' in message  # ta01: 15 jobs x 6 + 15 machines x 2 + 2
+    assert f'"shape": [{FT06_SIZE}]' in message
+    assert f'"shape": [{TA01_SIZE}]' in message
 
 
 class _SameObsOtherActions(gym.Env[Any, Any]):
-    observation_space = spaces.Box(0.0, 1.0, (50,), dtype=np.float32)
+    observation_space = spaces.Box(0.0, 1.0, (FT06_SIZE,), dtype=np.float32)
     action_space = spaces.Discrete(7)
 
 
