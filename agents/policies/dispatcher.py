@@ -190,7 +190,7 @@ def routing_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.fl
     can_start = blocks["job_can_start"]
     b, n_jobs = can_start.shape
     n_machines = blocks["machine_wait"].shape[1]
-    ratio = blocks["op_time_to_work"].astype(np.float64)  # (B, 1): T / W
+    ratio = blocks["op_time_to_work"]  # (B, 1): T / W
     machine = _machine_index(blocks["job_next_machine"], n_machines)
     after_next = _machine_index(blocks["job_next2_machine"], n_machines)
     # Index -1 ("no machine") reads the zero column appended at the end.
@@ -198,31 +198,35 @@ def routing_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.fl
     work = np.concatenate([blocks["machine_work_left"], pad], axis=1)
     wait = np.concatenate([blocks["machine_wait"], pad], axis=1)
     done = machine < 0
-    rival = (machine[:, :, None] == machine[:, None, :]) & ~done[:, :, None]
+    rival = machine[:, :, None] == machine[:, None, :]
+    rival &= ~done[:, :, None]
     rival[:, np.arange(n_jobs), np.arange(n_jobs)] = False
-    ready = blocks["job_wait"].astype(np.float64)  # (B, J), in T
-    op_time = blocks["job_next_op_time"].astype(np.float64)
+    ready = blocks["job_wait"]  # (B, J), in T
+    op_time = blocks["job_next_op_time"]
     job_work = blocks["job_work_left"] / np.maximum(ratio, 1e-12)  # in T
-    # Rival k's bound if job j starts now: max(ready_k, end_j) + work_k.
-    after = np.maximum(ready[:, None, :], op_time[:, :, None]) + job_work[:, None, :]
-    rivals_bound = np.where(rival, after, 0.0).max(axis=2)
+    # Rival k's bound if job j starts now: max(ready_k, end_j) + work_k. Every term is
+    # >= 0, so zeroing the non-rivals leaves the maximum over rivals (0 if none).
+    pair = np.maximum(ready[:, None, :], op_time[:, :, None])
+    pair += job_work[:, None, :]
+    pair *= rival
+    rivals_bound = pair.max(axis=2)
     bound = (ready + job_work).max(axis=1, keepdims=True)
-    delay = np.where(rival, np.maximum(op_time[:, :, None] - ready[:, None, :], 0.0), 0.0)
-    out = np.stack(
-        [
-            np.take_along_axis(work, machine, axis=1),
-            blocks["job_next2_op_time"],
-            np.take_along_axis(wait, after_next, axis=1),
-            np.take_along_axis(work, after_next, axis=1),
-            rival.sum(axis=2) / n_jobs,
-            (rival & (can_start[:, None, :] > 0.5)).sum(axis=2) / n_jobs,
-            np.clip(rivals_bound * ratio / (1.0 + ratio), 0.0, 1.0),
-            np.clip(rivals_bound - bound, -1.0, 1.0),
-            np.clip(delay.sum(axis=2) / 4.0, 0.0, 1.0),
-        ],
-        axis=2,
-    )
-    return out.astype(np.float32)
+    np.subtract(op_time[:, :, None], ready[:, None, :], out=pair)
+    np.maximum(pair, 0.0, out=pair)
+    pair *= rival
+    out = np.empty((b, n_jobs, N_ROUTING), dtype=np.float32)
+    out[..., 0] = np.take_along_axis(work, machine, axis=1)
+    out[..., 1] = blocks["job_next2_op_time"]
+    out[..., 2] = np.take_along_axis(wait, after_next, axis=1)
+    out[..., 3] = np.take_along_axis(work, after_next, axis=1)
+    n_rivals = rival.sum(axis=2)
+    out[..., 4] = n_rivals / n_jobs
+    out[..., 5] = (rival & (can_start[:, None, :] > 0.5)).sum(axis=2) / n_jobs
+    out[..., 6] = rivals_bound * (ratio / (1.0 + ratio))
+    out[..., 7] = rivals_bound - bound
+    out[..., 8] = pair.sum(axis=2) / 4.0
+    np.clip(out[..., 6:], -1.0, 1.0, out=out[..., 6:])
+    return out
 
 
 class DispatcherPolicy:
