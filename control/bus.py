@@ -92,10 +92,22 @@ Both halves of the pair matter. After a regression the stream hands out its lost
 numbers again, so a revision alone could name another writer's entry; and an operator who
 restores a backup writes bytes the runner wrote before, but at a new revision, which must
 be adopted. A regression further back than the last :data:`_KNOWN_ENTRIES` entries is taken
-for another writer and adopted, as before. The store's going back is noticed at the
-agent's next write: an agent whose state does not change after the restart leaves the
-older entry in place until it does. A write that fails otherwise (disconnected, timeout)
-is retried after ``BusSettings.reconnect_wait_s``; the agent keeps running meanwhile.
+for another writer and adopted, as before.
+
+The runner does not wait for the agent's next write to find a store that went back: an idle
+agent (a scheduler with nothing to hand out, or one stopped right after the server's
+restart) may not write again, and a restart of its process would then restore the older
+state. After every reconnect the writer task checks the store, outside the message path and
+under the same lock as the writes. It binds the bucket again, creating it (with a warning)
+if the server lost its whole JetStream store, and reads the key of each agent it has
+written. A known entry other than the revision it last saw is written over at once, through
+the conflict path above (so it counts in both counters, with the same warning); a key that
+is gone is written again. Any other entry, a delete marker included, is left to the
+conflict policy of the agent's next write; nothing is adopted on a reconnect. A link error
+during the check is logged and leaves the key to the next write, and a write that finds no
+stream behind the bucket asks for the same check. A write that fails otherwise
+(disconnected, timeout) is retried after ``BusSettings.reconnect_wait_s``; the agent keeps
+running meanwhile.
 """
 
 from __future__ import annotations
@@ -274,7 +286,8 @@ class BusStats:
     state_conflicts: Counter[str] = field(default_factory=Counter)
     state_errors: Counter[str] = field(default_factory=Counter)
     #: The conflicts where the store had gone back to an older entry of the agent's own,
-    #: which the runner wrote over (a subset of ``state_conflicts``).
+    #: which the runner wrote over (a subset of ``state_conflicts``), found by a write or by
+    #: the check of the store after a reconnect.
     state_regressions: Counter[str] = field(default_factory=Counter)
     disconnects: int = 0
     reconnects: int = 0
@@ -403,6 +416,7 @@ class Bus:
         self.metric_labels: tuple[str, str] | None = None
         self._nc: NatsClient | None = None
         self._log_limiter = _LogLimiter()
+        self._reconnect_listeners: list[Callable[[], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -507,6 +521,25 @@ class Bus:
         if self.metric_labels is not None:
             metrics.NATS_RECONNECTS.labels(*self.metric_labels).inc()
         log.warning("NATS link to %s is back", self.endpoint.url)
+        for listener in list(self._reconnect_listeners):
+            try:
+                listener()
+            except Exception:  # nats-py's reconnect loop must never see it
+                log.exception("a NATS reconnect listener raised")
+
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` after every reconnect; return a function that removes it.
+
+        It runs inside nats-py's reconnect callback, in the event loop, so it must return at
+        once (set an event, start a task); what it raises is logged, never propagated.
+        """
+        self._reconnect_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._reconnect_listeners.remove(listener)
+
+        return remove
 
     def export_metrics(self, plant: str, kind: str) -> None:
         """Report this connection's state as ``autofab_nats_connected{plant, kind}`` and
@@ -738,6 +771,11 @@ class AgentRunner:
         self._dirty = asyncio.Event()
         self._state_lock = asyncio.Lock()
         self._writer_task: asyncio.Task[None] | None = None
+        #: Store checks asked for (one per reconnect, or a write that found no bucket) and
+        #: done; the writer runs one while ``_checks_done < _checks_wanted``.
+        self._checks_wanted = 0
+        self._checks_done = 0
+        self._remove_listener: Callable[[], None] | None = None
         self._running = False
         self._log_limiter = _LogLimiter()
 
@@ -768,6 +806,7 @@ class AgentRunner:
             self._kv = await self.bus.key_value(self.state_bucket)
             for hosted in self._hosted:
                 await self._restore(hosted)
+            self._remove_listener = self.bus.add_reconnect_listener(self._want_check)
         for hosted in self._hosted:
             hosted.saved = hosted.saved or self._snapshot(hosted) or b""
         self._running = True
@@ -797,6 +836,9 @@ class AgentRunner:
         """Stop taking messages (finishing those already received), cancel the timers, and
         write the last state. Safe to call twice."""
         self._running = False
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
         subs, self._subs = self._subs, []
         if subs and self.bus.connected:
             # Drain: the server stops sending, and messages already here are handled.
@@ -816,6 +858,8 @@ class AgentRunner:
             hosted.timer_task = None
         self._writer_task = None
         if self.persist and self._kv is not None:
+            if self._checks_done < self._checks_wanted:  # a reconnect just before the stop
+                await self._check_store()
             await self.save_state()
 
     async def __aenter__(self) -> Self:
@@ -982,10 +1026,13 @@ class AgentRunner:
         log.info("%s restored from %s revision %s", name, self.state_bucket, entry.revision)
 
     async def _write_state(self) -> None:
-        """The writer task: write changed snapshots after each wake, retrying on failure."""
+        """The writer task: write changed snapshots after each wake, retrying on failure,
+        and check the store after a reconnect (:meth:`_check_store`)."""
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            if self._checks_done < self._checks_wanted:
+                await self._check_store()
             if not await self.save_state():
                 await asyncio.sleep(self.bus.settings.reconnect_wait_s)
                 self._dirty.set()
@@ -1036,6 +1083,8 @@ class AgentRunner:
                 self.stats.state_errors[name] += 1
                 level = self._log_limiter.level("kv", name)
                 log.log(level, "state of %s not written: %r", name, error)
+                if isinstance(error, nats.js.errors.NoStreamResponseError):
+                    self._want_check()  # no stream: the bucket is gone, make it again
                 return False
             hosted.saved, hosted.revision = data, revision
             hosted.remember(revision, data)
@@ -1100,6 +1149,90 @@ class AgentRunner:
             self.state_bucket,
         )
         return False
+
+    # -- the store check after a reconnect ---------------------------------------------------
+
+    def _want_check(self) -> None:
+        """Ask the writer to check the store (after a reconnect, or a write that found no
+        bucket): a listener on the bus, so it only sets flags."""
+        self._checks_wanted += 1
+        self._dirty.set()
+
+    async def _check_store(self) -> None:
+        """Look at every key this runner has written, as a server that comes back may have
+        lost the tail of its stream, or its whole store; see the module docstring.
+
+        Runs in the writer task (or in :meth:`stop`) under the state lock, never in the
+        message path. Nothing here raises for a lost link: what cannot be checked now is
+        logged and left to the agent's next write.
+        """
+        wanted = self._checks_wanted
+        async with self._state_lock:
+            if not self.persist or self._kv is None or not self.bus.connected:
+                return  # a later reconnect asks again
+            try:
+                await self._bind_bucket()
+            except (*_LINK_ERRORS, BusClosedError) as error:
+                log.warning(
+                    "state bucket %s not checked (%r); each agent's next write will notice a "
+                    "store that went back",
+                    self.state_bucket,
+                    error,
+                )
+            else:
+                for hosted in self._hosted:
+                    if hosted.revision is not None and self.bus.connected:
+                        await self._check_entry(hosted)
+        self._checks_done = max(self._checks_done, wanted)
+
+    async def _bind_bucket(self) -> None:
+        """Bind the state bucket again, creating it if the server no longer has it."""
+        try:
+            self._kv = await self.bus.client.jetstream().key_value(self.state_bucket)
+        except nats.js.errors.BucketNotFoundError:
+            log.warning(
+                "state bucket %s is gone (the server lost its JetStream store, or someone "
+                "deleted it); creating it again and writing the agents' state again",
+                self.state_bucket,
+            )
+            self._kv = await self.bus.key_value(self.state_bucket)
+
+    async def _check_entry(self, hosted: _Hosted) -> None:
+        """Check one agent's key: a key that holds an older entry of the agent's own is
+        written over at once, through :meth:`_save` and the conflict path; a missing key is
+        written again; any other entry is left to the conflict policy of the next write."""
+        assert self._kv is not None
+        name = hosted.agent.name
+        try:
+            entry = await self._kv.get(name)
+        except nats.js.errors.KeyNotFoundError as error:
+            if error.entry is not None:  # a delete or purge marker: someone else's act
+                return
+            log.warning(
+                "%s: its entry in %s is gone (the server lost its store); writing this "
+                "agent's state again",
+                name,
+                self.state_bucket,
+            )
+            hosted.revision = None
+        except (*_LINK_ERRORS, BusClosedError) as error:
+            log.warning(
+                "%s: state not checked (%r); its next write will notice a store that went back",
+                name,
+                error,
+            )
+            return
+        else:
+            if entry.revision == hosted.revision:
+                return  # where this runner left it
+            if not hosted.knows(entry.revision, entry.value or b""):
+                return  # another writer's: the conflict policy decides at the next write
+            # The store went back. The update on hosted.revision conflicts, and _reload
+            # counts the regression, logs it and writes over the entry.
+        data = self._snapshot(hosted)
+        if data is not None and not await self._save(hosted, data):
+            # Not written (the link again): the writer retries it like a changed state.
+            hosted.saved, hosted.dirty = b"", True
 
 
 async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:

@@ -84,13 +84,14 @@ async def raw_client(server: EmbeddedNats) -> Any:
 
 
 async def kv_value(server: EmbeddedNats, plant: str, key: str) -> dict[str, Any] | None:
-    """The stored snapshot of ``key`` in the plant's state bucket, or None."""
+    """The stored snapshot of ``key`` in the plant's state bucket, or None (no key, or no
+    bucket)."""
     nc = await raw_client(server)
     try:
-        kv = await nc.jetstream().key_value(state_bucket_name(plant))
         try:
+            kv = await nc.jetstream().key_value(state_bucket_name(plant))
             entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
             return None
         return json.loads(entry.value)
     finally:
@@ -698,6 +699,21 @@ def test_a_conflicting_write_reloads_the_stored_state(
     asyncio.run(main())
 
 
+async def restart_with_store(
+    server: EmbeddedNats, bus: Bus, *, copy_to: Path, copy_from: Path | None
+) -> None:
+    """Stop the server gracefully (JetStream flushes), copy its store (or, with no
+    ``copy_from``, delete ``copy_to``: the store is lost), and start it again on the same
+    port with the same credentials, so ``bus`` comes back to it by itself."""
+    await asyncio.to_thread(server.stop)
+    await eventually(lambda: not bus.connected, "the link down")
+    shutil.rmtree(copy_to, ignore_errors=True)
+    if copy_from is not None:
+        shutil.copytree(copy_from, copy_to)
+    await asyncio.to_thread(server.start)
+    await eventually(lambda: bus.connected, "the link back", timeout=10)
+
+
 def test_a_store_that_went_back_is_written_over_not_adopted(
     tmp_path: Path, subjects: Subjects
 ) -> None:
@@ -707,21 +723,14 @@ def test_a_store_that_went_back_is_written_over_not_adopted(
 
     The store really goes back here: the server is stopped, its JetStream store directory
     is replaced by a copy taken earlier, and it starts again on the same port with the same
-    credentials, so the runner's connection comes back to the older store by itself.
+    credentials, so the runner's connection comes back to the older store by itself. A
+    message follows at once; whether its write or the check after the reconnect meets the
+    older entry first, the outcome is the same.
     """
     plant = subjects.plant
     store, early = tmp_path / "store", tmp_path / "early"
     counter = Counter("counter", subjects)
     settings = BusSettings(reconnect_wait_s=0.1)
-
-    async def restart(server: EmbeddedNats, bus: Bus, copy_to: Path, copy_from: Path) -> None:
-        """Stop the server gracefully (JetStream flushes), copy its store, start again."""
-        await asyncio.to_thread(server.stop)
-        await eventually(lambda: not bus.connected, "the link down")
-        shutil.rmtree(copy_to, ignore_errors=True)
-        shutil.copytree(copy_from, copy_to)
-        await asyncio.to_thread(server.start)
-        await eventually(lambda: bus.connected, "the link back")
 
     async def main() -> None:
         server = EmbeddedNats(store_dir=store)
@@ -734,24 +743,140 @@ def test_a_store_that_went_back_is_written_over_not_adopted(
                 for machine in ("a", "b"):
                     await bus.publish(subjects.health(machine), health(machine))
                 await stored(server, plant, "counter", {"count": 2})
-                await restart(server, bus, copy_to=early, copy_from=store)  # keep a copy
+                await restart_with_store(server, bus, copy_to=early, copy_from=store)
 
                 for machine in ("c", "d", "e"):
                     await bus.publish(subjects.health(machine), health(machine))
                 await stored(server, plant, "counter", {"count": 5})
-                await restart(server, bus, copy_to=store, copy_from=early)  # the store goes back
-                assert await kv_value(server, plant, "counter") == {"count": 2}
+                # The store goes back to count 2.
+                await restart_with_store(server, bus, copy_to=store, copy_from=early)
 
-                await bus.publish(subjects.health("f"), health("f"))  # count 6: the write conflicts
-                await eventually(lambda: bus.stats.state_conflicts["counter"] == 1, "the conflict")
+                await bus.publish(subjects.health("f"), health("f"))  # count 6
+                await eventually(lambda: counter.count == 6, "count 6")
+                await eventually(
+                    lambda: bus.stats.state_regressions["counter"] == 1, "the regression"
+                )
                 await runner.save_state()  # waits for the writer's save, conflict and all
-                assert await kv_value(server, plant, "counter") == {"count": 6}
+                await stored(server, plant, "counter", {"count": 6})
                 assert counter.count == 6
                 assert counter.seen == ["a", "b", "c", "d", "e", "f"]
                 assert bus.stats.state_conflicts["counter"] == 1
                 assert bus.stats.state_regressions["counter"] == 1
         finally:
             await asyncio.to_thread(server.stop)
+
+    asyncio.run(main())
+
+
+def test_an_idle_agent_s_store_that_went_back_is_written_over_on_reconnect(
+    tmp_path: Path, subjects: Subjects
+) -> None:
+    """The store goes back while the agent has nothing to do: no message, no write. The
+    check after the reconnect finds the older entry of its own and writes the agent's
+    state over it, so a restart of the agent does not restore the older state."""
+    plant = subjects.plant
+    store, early = tmp_path / "store", tmp_path / "early"
+    counter = Counter("counter", subjects)
+    settings = BusSettings(reconnect_wait_s=0.1)
+
+    async def main() -> None:
+        server = EmbeddedNats(store_dir=store)
+        await asyncio.to_thread(server.start)
+        try:
+            async with Bus(server.endpoint, settings=settings) as bus:
+                async with AgentRunner(bus, [counter], plant=plant):
+                    for machine in ("a", "b"):
+                        await bus.publish(subjects.health(machine), health(machine))
+                    await stored(server, plant, "counter", {"count": 2})
+                    await restart_with_store(server, bus, copy_to=early, copy_from=store)
+
+                    for machine in ("c", "d", "e"):
+                        await bus.publish(subjects.health(machine), health(machine))
+                    await stored(server, plant, "counter", {"count": 5})
+                    await restart_with_store(server, bus, copy_to=store, copy_from=early)
+
+                    await stored(server, plant, "counter", {"count": 5})  # no message since
+                    await eventually(
+                        lambda: bus.stats.state_regressions["counter"] == 1, "the regression"
+                    )
+                    assert counter.count == 5
+                    # Only the store that went back conflicted; the intact one was left alone.
+                    assert bus.stats.state_conflicts["counter"] == 1
+                    assert bus.stats.handled["counter"] == 5
+
+                restarted = Counter("counter", subjects)
+                async with AgentRunner(bus, [restarted], plant=plant):
+                    assert restarted.count == 5
+        finally:
+            await asyncio.to_thread(server.stop)
+
+    asyncio.run(main())
+
+
+def test_a_lost_store_is_made_again_on_reconnect(
+    tmp_path: Path, subjects: Subjects, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server comes back with no JetStream store at all, so no bucket: the check after
+    the reconnect creates the bucket and writes the agent's state again, and later writes
+    go on in the new bucket."""
+    plant = subjects.plant
+    store = tmp_path / "store"
+    counter = Counter("counter", subjects)
+    settings = BusSettings(reconnect_wait_s=0.1)
+
+    async def main() -> None:
+        server = EmbeddedNats(store_dir=store)
+        await asyncio.to_thread(server.start)
+        try:
+            async with (
+                Bus(server.endpoint, settings=settings) as bus,
+                AgentRunner(bus, [counter], plant=plant),
+            ):
+                for machine in ("a", "b"):
+                    await bus.publish(subjects.health(machine), health(machine))
+                await stored(server, plant, "counter", {"count": 2})
+                writes = bus.stats.state_writes["counter"]
+                await restart_with_store(server, bus, copy_to=store, copy_from=None)
+
+                await stored(server, plant, "counter", {"count": 2})  # no message since
+                await eventually(
+                    lambda: bus.stats.state_writes["counter"] == writes + 1, "the write"
+                )
+                await bus.publish(subjects.health("c"), health("c"))
+                await stored(server, plant, "counter", {"count": 3})
+                assert bus.stats.state_conflicts["counter"] == 0
+                assert bus.stats.state_regressions["counter"] == 0
+        finally:
+            await asyncio.to_thread(server.stop)
+
+    with caplog.at_level("WARNING", logger="autofab.control.bus"):
+        asyncio.run(main())
+    assert f"state bucket {state_bucket_name(plant)} is gone" in caplog.text
+
+
+def test_a_bucket_deleted_under_a_running_runner_is_made_again_by_the_next_write(
+    server: EmbeddedNats, subjects: Subjects
+) -> None:
+    """No reconnect here: the write that finds no stream behind the bucket asks for the
+    store check, which creates the bucket, and the state is written into it."""
+    plant = subjects.plant
+    counter = Counter("counter", subjects)
+
+    async def main() -> None:
+        async with (
+            Bus(server.endpoint, settings=BusSettings(reconnect_wait_s=0.1)) as bus,
+            AgentRunner(bus, [counter], plant=plant),
+        ):
+            await bus.publish(subjects.health("a"), health("a"))
+            await stored(server, plant, "counter", {"count": 1})
+            nc = await raw_client(server)
+            await nc.jetstream().delete_key_value(state_bucket_name(plant))
+            await nc.close()
+
+            await bus.publish(subjects.health("b"), health("b"))
+            await stored(server, plant, "counter", {"count": 2})
+            assert bus.stats.state_errors["counter"] >= 1  # the write that found no stream
+            assert bus.stats.state_conflicts["counter"] == 0
 
     asyncio.run(main())
 
