@@ -225,7 +225,7 @@ def train_self_labeling(
     init: DispatcherPolicy | None = None,
     lr_final: float | None = None,
     loss_over: str = "machine",
-    features: str = "basic",
+    features: str | None = None,
     on_iteration: Callable[[TrainStats], None] | None = None,
     on_best: Callable[[DispatcherPolicy], None] | None = None,
 ) -> DispatcherPolicy:
@@ -256,8 +256,9 @@ def train_self_labeling(
         loss_over: ``"machine"``: score each label decision against the jobs waiting for
             the same machine only (see :func:`_loss`); ``"all"``: against every valid job.
         features: The feature set the network reads (``"basic"`` or ``"routing"``, see
-            :data:`~autofab.agents.policies.dispatcher.FEATURE_SETS`); a ``basic`` ``init``
-            may start a ``routing`` network.
+            :data:`~autofab.agents.policies.dispatcher.FEATURE_SETS`); ``None``: the
+            ``init``'s, else ``"basic"``. A ``basic`` ``init`` may start a ``routing``
+            network.
         on_iteration: Called after every iteration (progress bars, logs).
         on_best: Called with the weights each time they reach a new best validation score
             (a checkpoint: a run that is stopped or fails keeps its best weights).
@@ -266,6 +267,8 @@ def train_self_labeling(
         The greedy policy with the best validation score; ``policy.meta`` records the
         settings, the iterations and environment steps done, and the validation score.
     """
+    if features is None:
+        features = "basic" if init is None else init.features
     checks = {
         "iterations": iterations >= 0,
         "samples": samples >= 1,
@@ -422,7 +425,7 @@ HYPERPARAMS: dict[str, str] = {
     "hidden": "an integer >= 1: width of the two hidden layers",
     "learning_rate": "a number > 0",
     "loss_over": "'machine' (a label is scored against the jobs waiting for its machine) or 'all'",
-    "features": "'basic' or 'routing': the dispatcher's feature set",
+    "features": "'basic' or 'routing': the dispatcher's feature set, or null (the init's)",
     "learning_rate_final": "a number > 0 (at most learning_rate): cosine-anneal to it, or null",
     "sizes": "a list of [jobs, machines] pairs to draw training instances from",
     "imitation_instances": "an integer >= 0: MWKR warm-start instances",
@@ -451,7 +454,7 @@ def _valid(key: str, value: Any) -> bool:
     if key == "loss_over":
         return value in LOSS_OVER
     if key == "features":
-        return value in FEATURE_SETS
+        return value is None or value in FEATURE_SETS
     if key == "sizes":
         return (
             isinstance(value, list)

@@ -125,7 +125,11 @@ def test_a_basic_init_starts_a_routing_network_as_the_same_function() -> None:
         atol=1e-5,
     )
     with pytest.raises(ValueError, match="init weights read the 'routing' features"):
-        self_labeling.train_self_labeling(iterations=0, init=routing, hidden=8)
+        self_labeling.train_self_labeling(iterations=0, init=routing, hidden=8, features="basic")
+    again = self_labeling.train_self_labeling(
+        iterations=0, init=routing, hidden=8, validation_instances_per_size=0
+    )
+    assert again.features == "routing"  # an init's feature set is the default
     with pytest.raises(ValueError, match="features="):
         self_labeling.train_self_labeling(iterations=0, features="graph")
 

@@ -257,8 +257,9 @@ def test_a_wider_network_starts_as_the_given_weights_and_then_learns() -> None:
     wide = self_labeling.train_self_labeling(
         iterations=0, init=shipped, hidden=96, validation_instances_per_size=0
     )
-    assert [w.shape for w, _ in wide.layers] == [(N_FEATURES, 96), (96, 96), (96, 1)]
-    x = np.random.default_rng(0).random((40, N_FEATURES)).astype(np.float32)
+    n_in = shipped.layers[0][0].shape[0]
+    assert [w.shape for w, _ in wide.layers] == [(n_in, 96), (96, 96), (96, 1)]
+    x = np.random.default_rng(0).random((40, n_in)).astype(np.float32)
     np.testing.assert_allclose(wide.scores(x), shipped.scores(x), atol=1e-5)
     trained = self_labeling.train_self_labeling(
         iterations=2,
