@@ -339,14 +339,14 @@ def test_a_label_is_scored_against_the_jobs_waiting_for_its_machine() -> None:
     assert run.masks is not None
     assert run.actions is not None
     assert run.obs is not None
-    module = self_labeling._Scorer(64)
+    module = self_labeling._Scorer(64, shipped.features)
     module.load(shipped)
     terms = []
     for t, job in enumerate(run.actions[1]):
         group = run.masks[1, t] & (run.machines[1, t] == run.machines[1, t, job])
         if group.sum() < 2:
             continue
-        scores = shipped.scores(job_features(run.obs[1, t], 6)).astype(np.float64)
+        scores = shipped.scores(shipped.features_of(run.obs[1, t], 6)).astype(np.float64)
         scores = np.where(group, scores, -np.inf)
         terms.append(np.log(np.exp(scores - scores.max()).sum()) + scores.max() - scores[job])
     assert terms  # a 6x4 shop has machines with several jobs waiting
@@ -416,7 +416,9 @@ def test_sampling_refuses_non_finite_scores() -> None:
     from autofab.envs.instances import random_instance
 
     policy = load_dispatcher(DEFAULT_DISPATCHER)
-    broken = DispatcherPolicy([(np.full_like(w, np.nan), b) for w, b in policy.layers], policy.meta)
+    broken = DispatcherPolicy(
+        [(np.full_like(w, np.nan), b) for w, b in policy.layers], policy.meta, policy.features
+    )
     inst = random_instance(4, 3, seed=0)
     with pytest.raises(FloatingPointError, match="not finite"):
         rollout(inst, 2, sampling_picker(broken, inst.n_jobs, np.random.default_rng(0)))
