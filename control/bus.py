@@ -1055,7 +1055,12 @@ class AgentRunner:
                 data = self._snapshot(hosted)
                 if data is None or data == hosted.saved:
                     continue
-                if not await self._save(hosted, data):
+                try:
+                    saved = await self._save(hosted, data)
+                except asyncio.CancelledError:
+                    hosted.dirty = True  # cancelled mid-write (stop()): its final save writes it
+                    raise
+                if not saved:
                     hosted.dirty = True
                     all_saved = False
         return all_saved
@@ -1122,6 +1127,9 @@ class AgentRunner:
                 entry.revision,
             )
             hosted.saved, hosted.revision = value, entry.revision
+            # Until the write over it lands, the agent's state is unsaved: if that write is
+            # cancelled or fails, the next save (or stop()'s final one) must still make it.
+            hosted.dirty = True
             return True
         hosted.revision = entry.revision
         try:

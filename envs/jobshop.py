@@ -109,7 +109,10 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     job is finished, or has fewer than two operations left); ``round(value * n_machines)
     - 1`` recovers the index exactly (-1 = none). On a classic shop an operation's
     machine is its only one. On a flexible shop it is the eligible machine free soonest
-    now (ties to the lowest index), the one ``job_machine_wait`` measures; the processing
+    (every idle machine counts as free now; ties to the lowest index), the one
+    ``job_machine_wait`` measures. That is a machine the operation can start on soonest,
+    not necessarily the one a dispatch picks: among several idle machines, a dispatch takes
+    the one that finishes it soonest. The processing
     time of the operation after next is then its shortest over eligible machines at
     current speeds, as for the next operation. ``op_time_to_work`` is the instance
     constant ``T / max(job total work)``: a time block times it is in the unit of
@@ -338,9 +341,11 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
         self, ops: NDArray[np.int64], none: NDArray[np.bool_]
     ) -> NDArray[np.float64]:
         """``job_next_machine`` codes of ``ops`` on a flexible shop: the eligible machine
-        free soonest (ties to the lowest index), plus one; 0 where ``none``."""
+        free soonest (idle machines count as free now; ties to the lowest index), plus one;
+        0 where ``none``."""
         eligible = self.instance.eligible[np.minimum(ops, self.instance.n_ops - 1)]
-        free = np.where(eligible, self.model.machine_free_at, np.inf)
+        free_at = np.maximum(self.model.machine_free_at, self.model.now)
+        free = np.where(eligible, free_at, np.inf)
         return np.where(none, 0.0, free.argmin(axis=1) + 1.0)
 
 

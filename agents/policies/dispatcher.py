@@ -172,10 +172,11 @@ def routing_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.fl
     Times are in units of the longest operation ``T``; ``op_time_to_work`` turns the job
     work block (in units of the largest job's work ``W``) into ``T`` too. Per job:
 
-    0. work still to come on its next machine (``machine_work_left`` of that machine);
+    0. work still to come on its next machine (``machine_work_left`` of that machine, a
+       fraction of the largest machine load);
     1. processing time of the operation after next;
     2. time until that operation's machine is free;
-    3. work still to come on that machine;
+    3. work still to come on that machine (as 0);
     4. rivals, over ``n_jobs``;
     5. rivals that can start now, over ``n_jobs``;
     6. the rivals' completion bound if this job starts now: the largest
@@ -183,6 +184,10 @@ def routing_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.fl
     7. how far that bound lies above the current bound of all jobs (``ready + work``),
        in ``T``, clipped to ``[-1, 1]``;
     8. the delay this job imposes on its rivals' readiness, summed, over ``4 T``.
+
+    6 and 8 are clipped to ``[0, 1]``. Job waits come from ``job_wait``, which the
+    observation clips at ``T``; a job's wait never exceeds its running operation (at most
+    ``T``) unless its release lies further ahead.
 
     An empty maximum (no rivals) is 0, so a job without rivals, and a finished job, scores
     0 on 6 and ``-bound`` (clipped) on 7; finished jobs score 0 on all the others.
@@ -488,8 +493,8 @@ def load_dispatcher(path: str | Path) -> DispatcherPolicy:
             version = int(data["format_version"]) if "format_version" in files else None
             if version not in _READABLE_FORMATS:
                 raise DispatcherLoadError(
-                    f"{where} is not a dispatcher of format {FORMAT_VERSION} "
-                    f"(found format {version})"
+                    f"{where} is not a dispatcher of format "
+                    f"{' or '.join(map(str, _READABLE_FORMATS))} (found format {version})"
                 )
             layout = [str(name) for name in data["layout"]]
             features = str(data["features"]) if "features" in files else "basic"

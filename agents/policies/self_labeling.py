@@ -51,6 +51,7 @@ __all__ = [
     "VALIDATION_SIZES",
     "TrainStats",
     "check_hyperparams",
+    "check_init",
     "sizes_from_env_kwargs",
     "train_self_labeling",
     "validation_instances",
@@ -128,6 +129,12 @@ class _Scorer(nn.Module):
             [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears],
             features=self.features,
         )
+
+
+def check_init(init: DispatcherPolicy, hidden: int, features: str) -> None:
+    """Raise ValueError (saying why) unless ``init`` loads into a network of ``hidden``
+    units reading ``features``, as :func:`train_self_labeling` would load it."""
+    _Scorer(hidden, features).load(init)
 
 
 @dataclass(frozen=True)

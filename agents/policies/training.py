@@ -490,7 +490,15 @@ def _check_self_labeling(spec: TrainSpec) -> _Plan:
         )
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
-    _init_dispatcher(settings.get("init"))  # a bad init fails here, before any folder exists
+    # A bad init, or one that does not fit the network asked for, fails here, before any
+    # folder exists: loading it into that network is the check training itself makes.
+    init = _init_dispatcher(settings.get("init"))
+    if init is not None:
+        features = settings.get("features") or init.features
+        try:
+            self_labeling.check_init(init, settings.get("hidden", 64), features)
+        except ValueError as exc:
+            raise TrainingError(f"self_labeling init {settings['init']!r}: {exc}") from None
     n_timesteps = settings.pop("n_timesteps", None)
     if n_timesteps is None:
         raise TrainingError("number of timesteps must be given (-n or n_timesteps)")

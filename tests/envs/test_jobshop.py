@@ -198,7 +198,7 @@ def lookahead(obs: np.ndarray, env: gym.Env[Any, Any]) -> dict[str, np.ndarray]:
 def expected_lookahead(env: gym.Env[Any, Any]) -> dict[str, np.ndarray]:
     """The documented definitions, job by job, from the model's state (an oracle)."""
     inst, model = env.unwrapped.instance, env.unwrapped.model
-    free = model.machine_free_at
+    free = np.maximum(model.machine_free_at, model.now)  # idle machines are free now
 
     def machine(op: int) -> int:
         eligible = np.flatnonzero(inst.eligible[op])

@@ -245,6 +245,10 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path) -> None:
         np.testing.assert_allclose(b, b2, rtol=1e-6)
     with pytest.raises(ValueError, match="init weights have layers"):
         self_labeling.train_self_labeling(iterations=0, init=shipped, hidden=8)
+    for bad, why in (({"features": "basic"}, "reads 'basic'"), ({"hidden": 8}, "layers")):
+        with pytest.raises(TrainingError, match=why):
+            train_one(_spec(tmp_path / "bad", hyperparams={"init": "default", **bad}))
+        assert not (tmp_path / "bad").exists()  # refused before a run folder was made
     result = train_one(_spec(tmp_path, hyperparams={"init": "default", "samples": 2}))
     tuned = load_dispatcher(Path(result.run_dir) / "model.npz")
     assert tuned.meta["settings"]["init"] == str(DEFAULT_DISPATCHER)
