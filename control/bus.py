@@ -661,12 +661,15 @@ class Bus:
 
     # -- JetStream ---------------------------------------------------------------------------
 
-    async def key_value(self, bucket: str) -> KeyValue:
-        """The key-value bucket ``bucket``, created (keeping one revision per key) if missing."""
+    async def key_value(self, bucket: str, on_create: Callable[[], None] | None = None) -> KeyValue:
+        """The key-value bucket ``bucket``, created (keeping one revision per key) if missing;
+        ``on_create()`` is called first when it has to be created."""
         js = self.client.jetstream()
         try:
             return await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
+            if on_create is not None:
+                on_create()
             return await js.create_key_value(
                 bucket=bucket,
                 history=1,
@@ -1195,15 +1198,15 @@ class AgentRunner:
 
     async def _bind_bucket(self) -> None:
         """Bind the state bucket again, creating it if the server no longer has it."""
-        try:
-            self._kv = await self.bus.client.jetstream().key_value(self.state_bucket)
-        except nats.js.errors.BucketNotFoundError:
+
+        def gone() -> None:
             log.warning(
                 "state bucket %s is gone (the server lost its JetStream store, or someone "
                 "deleted it); creating it again and writing the agents' state again",
                 self.state_bucket,
             )
-            self._kv = await self.bus.key_value(self.state_bucket)
+
+        self._kv = await self.bus.key_value(self.state_bucket, on_create=gone)
 
     async def _check_entry(self, hosted: _Hosted) -> None:
         """Check one agent's key: a key that holds an older entry of the agent's own is
