@@ -46,6 +46,8 @@ OBSERVATION_LAYOUT = (
 #: Blocks per job and per machine in :data:`OBSERVATION_LAYOUT`.
 N_JOB_BLOCKS = sum(kind == "job" for _, kind in OBSERVATION_LAYOUT)
 N_MACHINE_BLOCKS = sum(kind == "machine" for _, kind in OBSERVATION_LAYOUT)
+#: Plant entries (one value each) in :data:`OBSERVATION_LAYOUT`.
+N_PLANT_BLOCKS = sum(kind == "plant" for _, kind in OBSERVATION_LAYOUT)
 
 InstanceSpec = str | Path | Mapping[str, Any] | Instance
 
@@ -112,12 +114,12 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     (every idle machine counts as free now; ties to the lowest index), the one
     ``job_machine_wait`` measures. That is a machine the operation can start on soonest,
     not necessarily the one a dispatch picks: among several idle machines, a dispatch takes
-    the one that finishes it soonest. The processing
-    time of the operation after next is then its shortest over eligible machines at
-    current speeds, as for the next operation. ``op_time_to_work`` is the instance
-    constant ``T / max(job total work)``: a time block times it is in the unit of
-    ``job_work_left``. It lies in ``(0, 1]`` on classic shops; on a flexible shop whose
-    longest duration (on a slow machine) exceeds every job's work it clips to 1.
+    the one that finishes it soonest. The processing time of the operation after next is
+    then its shortest over eligible machines at current speeds, as for the next operation.
+    ``op_time_to_work`` is the instance constant ``T / max(job total work)``: a time block
+    times it is in the unit of ``job_work_left``. It lies in ``(0, 1]`` on classic shops;
+    on a flexible shop whose longest duration (on a slow machine) exceeds every job's work
+    it clips to 1.
 
     ## Rewards
 
@@ -410,8 +412,8 @@ def observation_scale(inst: Instance) -> NDArray[np.float32]:
     Times divide by the longest operation, job and machine work by the largest job and
     machine load, the clock by the total work (plus the last release), counts by their
     maximum. Machines, raw ``index + 1`` (0 for none), divide by ``n_machines``;
-    ``op_time_to_work`` is already in ``(0, 1]``. Raw model values times this, clipped to
-    ``[0, 1]``, are the observation.
+    ``op_time_to_work`` is not scaled (it is in ``(0, 1]`` on classic shops). Raw model
+    values times this, clipped to ``[0, 1]``, are the observation.
     """
     t_norm = 1.0 / max(inst.max_duration, 1e-12)
     norms = {

@@ -37,7 +37,13 @@ from numpy.typing import NDArray
 
 from autofab.envs.batch import BatchJobShop
 from autofab.envs.instances import Instance
-from autofab.envs.jobshop import OBSERVATION_LAYOUT, observation_blocks
+from autofab.envs.jobshop import (
+    N_JOB_BLOCKS,
+    N_MACHINE_BLOCKS,
+    N_PLANT_BLOCKS,
+    OBSERVATION_LAYOUT,
+    observation_blocks,
+)
 
 __all__ = [
     "DEFAULT_DISPATCHER",
@@ -85,9 +91,10 @@ N_FEATURES = 3 * len(_JOB_BLOCKS) + 2 * len(_MACHINE_BLOCKS) + len(_PLANT_BLOCKS
 N_ROUTING = 9
 #: Feature set name -> the blocks it reads. ``routing`` features are the ``basic`` ones,
 #: then the :data:`N_ROUTING` routing features, their mean and their max over jobs.
+_BASIC_BLOCKS = _JOB_BLOCKS + _MACHINE_BLOCKS + _PLANT_BLOCKS
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
-    "basic": _JOB_BLOCKS + _MACHINE_BLOCKS + _PLANT_BLOCKS,
-    "routing": _JOB_BLOCKS + _MACHINE_BLOCKS + _PLANT_BLOCKS + _ROUTING_BLOCKS,
+    "basic": _BASIC_BLOCKS,
+    "routing": _BASIC_BLOCKS + _ROUTING_BLOCKS,
 }
 #: The ``.npz`` layout written by :func:`save_dispatcher` (3 added the feature set).
 FORMAT_VERSION = 3
@@ -115,11 +122,7 @@ def n_features(features: str = "basic") -> int:
 
 def _blocks(obs: NDArray[np.float32], n_jobs: int) -> dict[str, NDArray[np.float32]]:
     """A batch ``(B, size)`` of observations split into named blocks."""
-    per_machine = sum(kind == "machine" for _, kind in OBSERVATION_LAYOUT)
-    fixed = sum(kind == "job" for _, kind in OBSERVATION_LAYOUT) * n_jobs + sum(
-        kind == "plant" for _, kind in OBSERVATION_LAYOUT
-    )
-    n_machines = (obs.shape[-1] - fixed) // max(per_machine, 1)
+    n_machines = (obs.shape[-1] - N_JOB_BLOCKS * n_jobs - N_PLANT_BLOCKS) // N_MACHINE_BLOCKS
     return observation_blocks(obs, n_jobs, n_machines)
 
 

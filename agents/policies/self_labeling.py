@@ -131,10 +131,18 @@ class _Scorer(nn.Module):
         )
 
 
-def check_init(init: DispatcherPolicy, hidden: int, features: str) -> None:
+def _feature_set(features: str | None, init: DispatcherPolicy | None) -> str:
+    """The feature set a run trains: ``features``, else the init's, else ``basic``."""
+    if features is not None:
+        return features
+    return "basic" if init is None else init.features
+
+
+def check_init(init: DispatcherPolicy, hidden: int, features: str | None = None) -> None:
     """Raise ValueError (saying why) unless ``init`` loads into a network of ``hidden``
-    units reading ``features``, as :func:`train_self_labeling` would load it."""
-    _Scorer(hidden, features).load(init)
+    units reading ``features`` (``None``: the init's), as :func:`train_self_labeling`
+    would load it."""
+    _Scorer(hidden, _feature_set(features, init)).load(init)
 
 
 @dataclass(frozen=True)
@@ -274,8 +282,7 @@ def train_self_labeling(
         The greedy policy with the best validation score; ``policy.meta`` records the
         settings, the iterations and environment steps done, and the validation score.
     """
-    if features is None:
-        features = "basic" if init is None else init.features
+    features = _feature_set(features, init)
     checks = {
         "iterations": iterations >= 0,
         "samples": samples >= 1,

@@ -494,9 +494,8 @@ def _check_self_labeling(spec: TrainSpec) -> _Plan:
     # folder exists: loading it into that network is the check training itself makes.
     init = _init_dispatcher(settings.get("init"))
     if init is not None:
-        features = settings.get("features") or init.features
         try:
-            self_labeling.check_init(init, settings.get("hidden", 64), features)
+            self_labeling.check_init(init, settings.get("hidden", 64), settings.get("features"))
         except ValueError as exc:
             raise TrainingError(f"self_labeling init {settings['init']!r}: {exc}") from None
     n_timesteps = settings.pop("n_timesteps", None)
