@@ -9,12 +9,13 @@ the shared server; the test that kills the server starts its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -714,6 +715,32 @@ async def restart_with_store(
     await eventually(lambda: bus.connected, "the link back", timeout=10)
 
 
+@contextlib.asynccontextmanager
+async def server_with_store(store: Path) -> AsyncIterator[EmbeddedNats]:
+    """A server of this test's own, keeping its JetStream store in ``store``."""
+    server = EmbeddedNats(store_dir=store)
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def count_to_five_then_go_back_to_two(
+    server: EmbeddedNats, bus: Bus, subjects: Subjects, store: Path, early: Path
+) -> None:
+    """The counter stores count 2, the store is copied to ``early``, it stores count 5,
+    and then the server starts again on the copy: the store holds count 2 again."""
+    for machine in ("a", "b"):
+        await bus.publish(subjects.health(machine), health(machine))
+    await stored(server, subjects.plant, "counter", {"count": 2})
+    await restart_with_store(server, bus, copy_to=early, copy_from=store)
+    for machine in ("c", "d", "e"):
+        await bus.publish(subjects.health(machine), health(machine))
+    await stored(server, subjects.plant, "counter", {"count": 5})
+    await restart_with_store(server, bus, copy_to=store, copy_from=early)
+
+
 def test_a_store_that_went_back_is_written_over_not_adopted(
     tmp_path: Path, subjects: Subjects
 ) -> None:
@@ -733,37 +760,22 @@ def test_a_store_that_went_back_is_written_over_not_adopted(
     settings = BusSettings(reconnect_wait_s=0.1)
 
     async def main() -> None:
-        server = EmbeddedNats(store_dir=store)
-        await asyncio.to_thread(server.start)
-        try:
-            async with (
-                Bus(server.endpoint, settings=settings) as bus,
-                AgentRunner(bus, [counter], plant=plant) as runner,
-            ):
-                for machine in ("a", "b"):
-                    await bus.publish(subjects.health(machine), health(machine))
-                await stored(server, plant, "counter", {"count": 2})
-                await restart_with_store(server, bus, copy_to=early, copy_from=store)
+        async with (
+            server_with_store(store) as server,
+            Bus(server.endpoint, settings=settings) as bus,
+            AgentRunner(bus, [counter], plant=plant) as runner,
+        ):
+            await count_to_five_then_go_back_to_two(server, bus, subjects, store, early)
 
-                for machine in ("c", "d", "e"):
-                    await bus.publish(subjects.health(machine), health(machine))
-                await stored(server, plant, "counter", {"count": 5})
-                # The store goes back to count 2.
-                await restart_with_store(server, bus, copy_to=store, copy_from=early)
-
-                await bus.publish(subjects.health("f"), health("f"))  # count 6
-                await eventually(lambda: counter.count == 6, "count 6")
-                await eventually(
-                    lambda: bus.stats.state_regressions["counter"] == 1, "the regression"
-                )
-                await runner.save_state()  # waits for the writer's save, conflict and all
-                await stored(server, plant, "counter", {"count": 6})
-                assert counter.count == 6
-                assert counter.seen == ["a", "b", "c", "d", "e", "f"]
-                assert bus.stats.state_conflicts["counter"] == 1
-                assert bus.stats.state_regressions["counter"] == 1
-        finally:
-            await asyncio.to_thread(server.stop)
+            await bus.publish(subjects.health("f"), health("f"))  # count 6
+            await eventually(lambda: counter.count == 6, "count 6")
+            await eventually(lambda: bus.stats.state_regressions["counter"] == 1, "the regression")
+            await runner.save_state()  # waits for the writer's save, conflict and all
+            await stored(server, plant, "counter", {"count": 6})
+            assert counter.count == 6
+            assert counter.seen == ["a", "b", "c", "d", "e", "f"]
+            assert bus.stats.state_conflicts["counter"] == 1
+            assert bus.stats.state_regressions["counter"] == 1
 
     asyncio.run(main())
 
@@ -780,35 +792,25 @@ def test_an_idle_agent_s_store_that_went_back_is_written_over_on_reconnect(
     settings = BusSettings(reconnect_wait_s=0.1)
 
     async def main() -> None:
-        server = EmbeddedNats(store_dir=store)
-        await asyncio.to_thread(server.start)
-        try:
-            async with Bus(server.endpoint, settings=settings) as bus:
-                async with AgentRunner(bus, [counter], plant=plant):
-                    for machine in ("a", "b"):
-                        await bus.publish(subjects.health(machine), health(machine))
-                    await stored(server, plant, "counter", {"count": 2})
-                    await restart_with_store(server, bus, copy_to=early, copy_from=store)
+        async with (
+            server_with_store(store) as server,
+            Bus(server.endpoint, settings=settings) as bus,
+        ):
+            async with AgentRunner(bus, [counter], plant=plant):
+                await count_to_five_then_go_back_to_two(server, bus, subjects, store, early)
 
-                    for machine in ("c", "d", "e"):
-                        await bus.publish(subjects.health(machine), health(machine))
-                    await stored(server, plant, "counter", {"count": 5})
-                    await restart_with_store(server, bus, copy_to=store, copy_from=early)
+                await stored(server, plant, "counter", {"count": 5})  # no message since
+                await eventually(
+                    lambda: bus.stats.state_regressions["counter"] == 1, "the regression"
+                )
+                assert counter.count == 5
+                # Only the store that went back conflicted; the intact one was left alone.
+                assert bus.stats.state_conflicts["counter"] == 1
+                assert bus.stats.handled["counter"] == 5
 
-                    await stored(server, plant, "counter", {"count": 5})  # no message since
-                    await eventually(
-                        lambda: bus.stats.state_regressions["counter"] == 1, "the regression"
-                    )
-                    assert counter.count == 5
-                    # Only the store that went back conflicted; the intact one was left alone.
-                    assert bus.stats.state_conflicts["counter"] == 1
-                    assert bus.stats.handled["counter"] == 5
-
-                restarted = Counter("counter", subjects)
-                async with AgentRunner(bus, [restarted], plant=plant):
-                    assert restarted.count == 5
-        finally:
-            await asyncio.to_thread(server.stop)
+            restarted = Counter("counter", subjects)
+            async with AgentRunner(bus, [restarted], plant=plant):
+                assert restarted.count == 5
 
     asyncio.run(main())
 
@@ -825,29 +827,23 @@ def test_a_lost_store_is_made_again_on_reconnect(
     settings = BusSettings(reconnect_wait_s=0.1)
 
     async def main() -> None:
-        server = EmbeddedNats(store_dir=store)
-        await asyncio.to_thread(server.start)
-        try:
-            async with (
-                Bus(server.endpoint, settings=settings) as bus,
-                AgentRunner(bus, [counter], plant=plant),
-            ):
-                for machine in ("a", "b"):
-                    await bus.publish(subjects.health(machine), health(machine))
-                await stored(server, plant, "counter", {"count": 2})
-                writes = bus.stats.state_writes["counter"]
-                await restart_with_store(server, bus, copy_to=store, copy_from=None)
+        async with (
+            server_with_store(store) as server,
+            Bus(server.endpoint, settings=settings) as bus,
+            AgentRunner(bus, [counter], plant=plant),
+        ):
+            for machine in ("a", "b"):
+                await bus.publish(subjects.health(machine), health(machine))
+            await stored(server, plant, "counter", {"count": 2})
+            writes = bus.stats.state_writes["counter"]
+            await restart_with_store(server, bus, copy_to=store, copy_from=None)
 
-                await stored(server, plant, "counter", {"count": 2})  # no message since
-                await eventually(
-                    lambda: bus.stats.state_writes["counter"] == writes + 1, "the write"
-                )
-                await bus.publish(subjects.health("c"), health("c"))
-                await stored(server, plant, "counter", {"count": 3})
-                assert bus.stats.state_conflicts["counter"] == 0
-                assert bus.stats.state_regressions["counter"] == 0
-        finally:
-            await asyncio.to_thread(server.stop)
+            await stored(server, plant, "counter", {"count": 2})  # no message since
+            await eventually(lambda: bus.stats.state_writes["counter"] == writes + 1, "the write")
+            await bus.publish(subjects.health("c"), health("c"))
+            await stored(server, plant, "counter", {"count": 3})
+            assert bus.stats.state_conflicts["counter"] == 0
+            assert bus.stats.state_regressions["counter"] == 0
 
     with caplog.at_level("WARNING", logger="autofab.control.bus"):
         asyncio.run(main())
