@@ -43,7 +43,7 @@ from asyncua import Client
 from autofab.agents.protocol import MachineStatusName, Subjects, Telemetry
 from autofab.control.bus import Bus
 from autofab.control.opcua.nodemap import MACHINE_WORK_TELEMETRY, NodeMap, NodeMapError
-from autofab.control.opcua.security import secure_client
+from autofab.control.opcua.security import close_client, secure_client
 
 __all__ = ["GatewayStats", "TelemetryGateway", "telemetry_from_values"]
 
@@ -251,8 +251,7 @@ class TelemetryGateway:
             finally:
                 self.stats.connected = False
                 if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.disconnect()
+                    await close_client(client)
 
     async def _publish(self, machines: Iterable[int]) -> None:
         """Publish the telemetry of the machines at these indexes, from the latest values."""

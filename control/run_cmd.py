@@ -309,8 +309,9 @@ class PlantReader:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.disconnect()
+            from autofab.control.opcua.security import close_client
+
+            await close_client(self._client)
 
 
 class PlantRun:

@@ -22,7 +22,10 @@ a real plant must already cope with encryption and login. The design:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -46,6 +49,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "SECURE_POLICIES",
     "SUPERVISOR_USER",
@@ -53,6 +58,7 @@ __all__ = [
     "ServerFiles",
     "TwinPermissionRuleset",
     "TwinUserManager",
+    "close_client",
     "default_cert_dir",
     "ensure_client_files",
     "ensure_server_files",
@@ -193,6 +199,34 @@ async def secure_client(
         mode=ua.MessageSecurityMode.SignAndEncrypt,
     )
     return client
+
+
+#: How long :func:`close_client` waits for a polite close before it drops the socket.
+CLOSE_TIMEOUT_S = 5.0
+
+
+async def close_client(client: Client, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Close ``client``'s session and channel, then its socket; never waits past ``timeout``.
+
+    asyncua's ``disconnect`` cancels its background tasks and awaits them, and asks the
+    server to close the session; on a half-dead link or during shutdown either can wait
+    for good. So the polite close runs as its own task: if it has not finished within
+    ``timeout`` it is cancelled and left behind (not awaited: a task that swallows the
+    cancel would hang us again) and the socket is dropped. Errors of a dead link are
+    ignored. Safe to call from a ``finally`` of a cancelled task.
+    """
+    closing = asyncio.ensure_future(client.disconnect())
+    try:
+        await asyncio.wait({closing}, timeout=timeout)
+    finally:
+        if closing.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                closing.result()  # a dead link's error: nothing left to close
+        else:
+            closing.cancel()
+            log.warning("OPC UA client close cut short after %.1f s; dropped its socket", timeout)
+        with contextlib.suppress(Exception):
+            client.disconnect_socket()
 
 
 class TwinUserManager(UserManager):

@@ -24,7 +24,6 @@ exception from :meth:`write`, :meth:`read` or :meth:`heartbeat`; the runtime
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from autofab.control.opcua.nodemap import NodeMap
-from autofab.control.opcua.security import SUPERVISOR_FILE, ensure_client_files
+from autofab.control.opcua.security import SUPERVISOR_FILE, close_client, ensure_client_files
 
 __all__ = ["PlantCredentials", "PlantWriter"]
 
@@ -140,8 +139,7 @@ class PlantWriter:
         try:
             await self._learn_types(client)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+            await close_client(client)
             raise
         self._client = client
         self.generation += 1
@@ -150,8 +148,7 @@ class PlantWriter:
         """Close the session if there is one; errors of a dead link are ignored."""
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+            await close_client(client)
 
     async def _learn_types(self, client: Client) -> None:
         ids = [self.nodemap.plant_node_id("watchdog_heartbeat")]

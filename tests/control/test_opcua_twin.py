@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from autofab.control.opcua.nodemap import (
     load_nodemap,
 )
 from autofab.control.opcua.security import (
+    close_client,
     ensure_client_files,
     ensure_server_files,
 )
@@ -351,3 +353,30 @@ def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "safe_state" in result.output
+
+
+def test_close_client_is_bounded_when_the_server_stops_answering(
+    certs: Path, loop_thread: Callable[[float], Any]
+) -> None:
+    """A server that holds the link open but never answers must not hang our shutdown:
+    ``close_client`` gives up on the polite close after its timeout and drops the socket,
+    where asyncua's own ``disconnect`` waits out the client's request timeout (5 s here)."""
+    server = loop_thread(30.0)
+    twin = PlantTwin(load_plant(DEMO), settings(certs))
+    server.call(twin.__aenter__())
+    release = threading.Event()
+    try:
+
+        async def main() -> float:
+            client = await _client(twin)  # its request timeout: 5 s
+            assert await client.get_node(ua.ObjectIds.Server_ServerStatus_State).read_value() == 0
+            # Freeze the server's event loop: the socket stays open, nothing answers.
+            server.loop.call_soon_threadsafe(release.wait, 20.0)
+            started = time.monotonic()
+            await close_client(client, timeout=0.5)
+            return time.monotonic() - started
+
+        assert asyncio.run(main()) < 2.5
+    finally:
+        release.set()
+        server.call(twin.__aexit__(None, None, None))
