@@ -102,8 +102,11 @@ under the same lock as the writes. It binds the bucket again, creating it (with 
 if the server lost its whole JetStream store, and reads the key of each agent it has
 written. A known entry other than the revision it last saw is written over at once, through
 the conflict path above (so it counts in both counters, with the same warning); a key that
-is gone is written again. Any other entry, a delete marker included, is left to the
-conflict policy of the agent's next write; nothing is adopted on a reconnect. A link error
+is gone is written again. An entry at the very revision the runner last wrote, but with
+bytes it never wrote, is another writer's that the stream's reused numbering put there: the
+next write's compare-and-set would pass and overwrite it unseen, so it is adopted at once
+(counted as a conflict). Any other entry, a delete marker included, is left to the conflict
+policy of the agent's next write. A link error
 during the check is logged and leaves the key to the next write, and a write that finds no
 stream behind the bucket asks for the same check. A write that fails otherwise
 (disconnected, timeout) is retried after ``BusSettings.reconnect_wait_s``; the agent keeps
@@ -1184,7 +1187,8 @@ class AgentRunner:
             try:
                 await self._bind_bucket()
             except (*_LINK_ERRORS, BusClosedError) as error:
-                log.warning(
+                log.log(
+                    self._log_limiter.level("check", self.state_bucket),
                     "state bucket %s not checked (%r); each agent's next write will notice a "
                     "store that went back",
                     self.state_bucket,
@@ -1211,7 +1215,9 @@ class AgentRunner:
     async def _check_entry(self, hosted: _Hosted) -> None:
         """Check one agent's key: a key that holds an older entry of the agent's own is
         written over at once, through :meth:`_save` and the conflict path; a missing key is
-        written again; any other entry is left to the conflict policy of the next write."""
+        written again; another writer's entry at the revision this runner last wrote is
+        adopted at once (the next write could not see it); any other entry is left to the
+        conflict policy of the next write."""
         assert self._kv is not None
         name = hosted.agent.name
         try:
@@ -1227,16 +1233,26 @@ class AgentRunner:
             )
             hosted.revision = None
         except (*_LINK_ERRORS, BusClosedError) as error:
-            log.warning(
+            log.log(
+                self._log_limiter.level("check", name),
                 "%s: state not checked (%r); its next write will notice a store that went back",
                 name,
                 error,
             )
             return
         else:
+            known = hosted.knows(entry.revision, entry.value or b"")
             if entry.revision == hosted.revision:
-                return  # where this runner left it
-            if not hosted.knows(entry.revision, entry.value or b""):
+                if known:
+                    return  # where this runner left it
+                # Another writer's entry at the very revision this runner last wrote: the
+                # store went back and the stream handed that revision out again. The next
+                # write's compare-and-set would pass and overwrite it unseen, so the
+                # conflict policy runs now, and it adopts the entry.
+                self.stats.state_conflicts[name] += 1
+                await self._reload(hosted)
+                return
+            if not known:
                 return  # another writer's: the conflict policy decides at the next write
             # The store went back. The update on hosted.revision conflicts, and _reload
             # counts the regression, logs it and writes over the entry.

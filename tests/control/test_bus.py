@@ -726,11 +726,10 @@ async def server_with_store(store: Path) -> AsyncIterator[EmbeddedNats]:
         await asyncio.to_thread(server.stop)
 
 
-async def count_to_five_then_go_back_to_two(
+async def count_to_five(
     server: EmbeddedNats, bus: Bus, subjects: Subjects, store: Path, early: Path
 ) -> None:
-    """The counter stores count 2, the store is copied to ``early``, it stores count 5,
-    and then the server starts again on the copy: the store holds count 2 again."""
+    """The counter stores count 2, the store is copied to ``early``, it stores count 5."""
     for machine in ("a", "b"):
         await bus.publish(subjects.health(machine), health(machine))
     await stored(server, subjects.plant, "counter", {"count": 2})
@@ -738,6 +737,14 @@ async def count_to_five_then_go_back_to_two(
     for machine in ("c", "d", "e"):
         await bus.publish(subjects.health(machine), health(machine))
     await stored(server, subjects.plant, "counter", {"count": 5})
+
+
+async def count_to_five_then_go_back_to_two(
+    server: EmbeddedNats, bus: Bus, subjects: Subjects, store: Path, early: Path
+) -> None:
+    """:func:`count_to_five`, and then the server starts again on the copy: the store
+    holds count 2 again."""
+    await count_to_five(server, bus, subjects, store, early)
     await restart_with_store(server, bus, copy_to=store, copy_from=early)
 
 
@@ -811,6 +818,56 @@ def test_an_idle_agent_s_store_that_went_back_is_written_over_on_reconnect(
             restarted = Counter("counter", subjects)
             async with AgentRunner(bus, [restarted], plant=plant):
                 assert restarted.count == 5
+
+    asyncio.run(main())
+
+
+def test_another_writer_s_entry_at_the_runner_s_own_revision_is_adopted_on_reconnect(
+    tmp_path: Path, subjects: Subjects
+) -> None:
+    """The store goes back to count 2, and before the runner is back another writer fills
+    the lost revisions, up to the very revision of the runner's last write (count 5). The
+    next write's compare-and-set on that revision would pass and overwrite the other
+    writer's entry unseen, so the check after the reconnect compares the bytes too and
+    adopts it: the conflict policy, run early."""
+    plant = subjects.plant
+    store, early = tmp_path / "store", tmp_path / "early"
+    counter = Counter("counter", subjects)
+    settings = BusSettings(reconnect_wait_s=0.1)
+    theirs = json.dumps({"count": 42}, separators=(",", ":")).encode()
+
+    async def main() -> None:
+        async with (
+            server_with_store(store) as server,
+            Bus(server.endpoint, settings=settings) as bus,
+            AgentRunner(bus, [counter], plant=plant),
+        ):
+            await count_to_five(server, bus, subjects, store, early)
+            nc = await raw_client(server)
+            kv = await nc.jetstream().key_value(state_bucket_name(plant))
+            ours = (await kv.get("counter")).revision
+            await nc.close()
+
+            await asyncio.to_thread(server.stop)
+            await eventually(lambda: not bus.connected, "the link down")
+            shutil.rmtree(store)
+            shutil.copytree(early, store)
+            async with server_with_store(store) as other:  # the runner cannot reach it
+                nc = await raw_client(other)
+                kv = await nc.jetstream().key_value(state_bucket_name(plant))
+                revision = 0
+                while revision < ours:
+                    revision = await kv.put("counter", theirs)
+                await nc.close()
+            assert revision == ours
+            await asyncio.to_thread(server.start)
+            await eventually(lambda: bus.connected, "the link back", timeout=10)
+
+            await eventually(lambda: counter.count == 42, "the other writer's state adopted")
+            assert bus.stats.state_conflicts["counter"] == 1
+            assert bus.stats.state_regressions["counter"] == 0
+            await bus.publish(subjects.health("f"), health("f"))
+            await stored(server, plant, "counter", {"count": 43})
 
     asyncio.run(main())
 
