@@ -4,8 +4,9 @@ Sampling-based training (self-labeling samples dozens of schedules per instance)
 its time stepping environments. :class:`BatchJobShop` runs ``k`` copies of one classic
 instance as ``(k, ...)`` numpy arrays, so one step of all copies costs about what one
 step of a single :class:`~autofab.envs.jobshop.JobShopEnv` does. It keeps exactly the
-environment's rules (non-delay dispatch at the earliest possible start, speeds 1) and
-produces exactly its observations and masks; ``tests/envs/test_batch.py`` replays random
+environment's rules (non-delay dispatch at the earliest possible start, or with a
+``delay`` the env's parameterised active schedules; speeds 1) and produces exactly its
+observations and masks; ``tests/envs/test_batch.py`` replays random
 trajectories through both and compares every observation.
 
 Every copy of one instance needs ``n_ops`` decisions, so the copies never fall out of
@@ -32,7 +33,7 @@ from autofab.envs.jobshop import (
     op_time_to_work,
     route_lookahead,
 )
-from autofab.envs.model import schedule_table
+from autofab.envs.model import check_delay, schedule_table
 
 __all__ = ["BatchJobShop"]
 
@@ -46,7 +47,9 @@ class BatchJobShop:
         makespan: ``(copies,)`` latest end time so far; the makespan once :attr:`done`.
     """
 
-    def __init__(self, instance: Instance, copies: int) -> None:
+    def __init__(self, instance: Instance, copies: int, delay: float | None = None) -> None:
+        """``delay``: the schedule-generation scheme, as
+        :class:`~autofab.envs.model.PlantModel`'s (None: non-delay)."""
         if instance.is_flexible:
             raise ValueError(
                 f"BatchJobShop runs classic job shops only; {instance.name!r} has "
@@ -54,6 +57,8 @@ class BatchJobShop:
             )
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
+        check_delay(delay, instance)
+        self.delay = delay
         self.instance = instance
         self.copies = copies
         n_machines = instance.n_machines
@@ -101,12 +106,23 @@ class BatchJobShop:
         self._decide()
 
     def _decide(self) -> None:
-        """Move each copy to its next decision time (the earliest possible start)."""
+        """Move each copy to its next decision: the earliest possible start, or with a
+        ``delay`` the earliest start on the machine whose operation can end first."""
         self._job_machine = self._machine[self._next]
         self._machine_free = np.take_along_axis(self._free, self._job_machine, axis=1)
         starts = np.maximum(self._ready, self._machine_free)
-        self.now = starts.min(axis=1)
-        self.mask = starts <= self.now[:, None]
+        self._starts = starts
+        if self.delay is None:
+            self.now = starts.min(axis=1)
+            self.mask = starts <= self.now[:, None]
+            return
+        ends = starts + self._duration[self._next]
+        first = ends.argmin(axis=1)
+        on = self._job_machine == self._job_machine[self._rows, first][:, None]
+        t_min = np.min(starts, axis=1, where=on, initial=np.inf)
+        limit = t_min + self.delay * (ends[self._rows, first] - t_min)
+        self.now = t_min
+        self.mask = on & ((starts < limit[:, None]) | (starts <= t_min[:, None]))
 
     def observe(self) -> NDArray[np.float32]:
         """``(copies, size)``: each copy's :class:`JobShopEnv` observation, bit for bit."""
@@ -151,8 +167,10 @@ class BatchJobShop:
         op = self._next[rows, jobs]
         machine = self._job_machine[rows, jobs]
         duration = self._duration[op]
-        end = self.now + duration
-        self._start[rows, op] = self.now
+        # The earliest start: now itself on a non-delay schedule.
+        start = self._starts[rows, jobs]
+        end = start + duration
+        self._start[rows, op] = start
         self._ready[rows, jobs] = end
         self._free[rows, machine] = end
         self._work[rows, jobs] -= duration

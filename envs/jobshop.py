@@ -85,6 +85,15 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
     eligible idle machine that finishes it soonest. When no job can start, time jumps to
     the next operation completion. Schedules are therefore *non-delay*, as on a shop floor.
 
+    With ``delay=d`` (classic shops) the env builds *parameterised active* schedules
+    instead: each decision belongs to the machine whose next operation can end first, the
+    valid jobs are those for that machine that can start within ``d`` of the way from its
+    earliest start to that end, and the chosen operation starts as soon as its job and the
+    machine are free, so the machine may wait for a better job about to arrive (see
+    :class:`~autofab.envs.model.PlantModel`). ``d = 1`` gives Giffler and Thompson's
+    active schedules, which include an optimal one. The clock then reads the decision's
+    earliest start and may go back between machines.
+
     ## Action Space
 
     ``Discrete(n_jobs)``: the job whose next operation to dispatch. Only jobs flagged by
@@ -145,6 +154,8 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
       :class:`~autofab.envs.instances.Instance`, or ``{"jobs": J, "machines": M}`` (plus
       optional ``"low"``, ``"high"`` processing-time bounds) for random instances.
     * ``reward_scale``: divisor of the reward, default the longest operation.
+    * ``delay``: ``None`` (default) for non-delay schedules, or a number in ``[0, 1]`` for
+      parameterised active ones (classic shops only).
 
     ## Version History
 
@@ -153,6 +164,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
       ``job_next2_machine`` (after ``job_can_start``) and ``op_time_to_work`` (last). The
       id stayed ``v0`` but the observation grew by ``3 * n_jobs + 1``, so SB3 models
       trained before no longer fit it and the policy loader's space check refuses them.
+    * v0, delay: the optional ``delay`` argument; without it nothing changed.
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012
@@ -162,6 +174,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
         instance: InstanceSpec = "ft06",
         reward_scale: float | None = None,
         render_mode: str | None = None,
+        delay: float | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(
@@ -179,6 +192,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
         if reward_scale is not None and not reward_scale > 0:
             raise ValueError(f"reward_scale must be > 0, got {reward_scale}")
         self._reward_scale_arg = reward_scale
+        self.delay = delay
         self._set_instance(first)
         self.action_space = MaskedDiscrete(first.n_jobs)
         size = len(self._scale)
@@ -189,7 +203,7 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
 
     def _set_instance(self, inst: Instance) -> None:
         self.instance = inst
-        self.model = PlantModel(inst)
+        self.model = PlantModel(inst, self.delay)
         self._scale = observation_scale(inst)
         self._op_after, self._op_machine_code = route_lookahead(inst)
         # job_next_machine from the model's job_machine (the sentinel reads 0).
@@ -290,6 +304,12 @@ class JobShopEnv(gym.Env[NDArray[np.float32], np.int64]):
                 why = "the episode is over; call reset()"
             elif not 0 <= job < n:
                 why = f"there are only {n} jobs"
+            elif model.delay is not None:
+                first = int(np.flatnonzero(mask)[0])
+                why = (
+                    f"with delay={model.delay:g} only jobs for machine "
+                    f"{int(model.job_machine[first])}, the next to decide, may go now"
+                )
             elif model.job_next[job] >= model.job_end[job]:
                 why = f"job {job} has no operation left"
             elif model.job_ready[job] > model.now:

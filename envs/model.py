@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from autofab.envs.instances import Instance
 
-__all__ = ["InvalidActionError", "PlantModel", "schedule_table"]
+__all__ = ["InvalidActionError", "PlantModel", "check_delay", "schedule_table"]
 
 _INF = float("inf")
 
@@ -57,14 +57,30 @@ class PlantModel:
     ``op_time`` (processing time on its fastest eligible machine at current speeds, plus
     a last entry 0 for "no operation" at index ``n_ops``), ``op_start``, ``op_end`` (NaN
     until started) and ``op_machine`` (-1 until started).
+
+    ``delay`` picks the schedule-generation scheme. ``None`` (the default, as on a shop
+    floor) builds *non-delay* schedules: a decision comes whenever some job can start now
+    on an idle machine, and the operation starts now. A number ``d`` in ``[0, 1]`` builds
+    *parameterised active* schedules (Bierwirth and Mattfeld, 1999), on classic shops
+    only. Each decision belongs to the machine ``m*`` of the operation that can complete
+    first, at ``C*``; the valid jobs are those whose next operation is on ``m*`` and can
+    start before ``t + d * (C* - t)``, where ``t`` is the earliest start on ``m*``, and
+    ``now`` is ``t``. The chosen operation starts at its earliest start, so ``m*`` may wait
+    for a better job that is about to arrive. ``d = 1`` gives Giffler and Thompson's
+    active schedules (they include an optimal one); ``d = 0`` allows no waiting. ``now``
+    may go back between decisions on different machines, and :meth:`advance` does not
+    apply: a delay schedule is built, not simulated.
     """
 
     # Row indices of job_state and machine_state; the observation keeps this order.
     OP_TIME, WORK, OPS, READY = range(4)
     FREE, MWORK = range(2)
 
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: Instance, delay: float | None = None) -> None:
+        check_delay(delay, instance)
         self.instance = instance
+        #: The schedule-generation scheme: ``None`` non-delay, else the allowed wait.
+        self.delay = delay
         n_jobs, n_machines = instance.n_jobs, instance.n_machines
         self._durations = np.ascontiguousarray(instance.durations)
         self._eligible = np.ascontiguousarray(instance.eligible)
@@ -190,9 +206,28 @@ class PlantModel:
         The array is cached until the state changes; callers must not modify it.
         """
         if self._mask is None:
-            self._job_machine_free, starts = self._earliest_starts()
-            self._mask = starts <= self.now
+            if self.delay is not None and self.n_started < self.instance.n_ops:
+                self._decide_with_delay()
+            else:
+                self._job_machine_free, starts = self._earliest_starts()
+                self._mask = starts <= self.now
+        assert self._mask is not None
         return self._mask
+
+    def _decide_with_delay(self) -> None:
+        """The next decision of a parameterised active schedule (see the class notes):
+        sets ``now`` to the earliest start on the machine ``m*`` whose operation can end
+        first, and the mask to the jobs for ``m*`` that may start before the limit."""
+        assert self.delay is not None
+        machine_free, starts = self._earliest_starts()
+        ends = starts + self.job_op_time
+        first = int(np.argmin(ends))
+        on = self.job_machine == self.job_machine[first]
+        t_min = float(np.min(starts, where=on, initial=_INF))
+        limit = t_min + self.delay * (float(ends[first]) - t_min)
+        self._job_machine_free = machine_free
+        self._mask = on & ((starts < limit) | (starts <= t_min))
+        self.now = t_min
 
     def job_machine_free(self) -> NDArray[np.float64]:
         """When the earliest eligible machine for each job's next operation is free
@@ -246,6 +281,13 @@ class PlantModel:
             raise InvalidActionError(
                 f"job {job} is not ready until t={self.job_ready[job]:g} (now t={self.now:g})"
             )
+        if self.delay is not None:  # a classic shop: the machine is fixed
+            if not self.action_mask()[job]:
+                raise InvalidActionError(
+                    f"job {job} is not among the jobs competing for the next decision's "
+                    f"machine (valid: {np.flatnonzero(self.action_mask()).tolist()})"
+                )
+            return self.start(job, int(self.job_machine[job]))
         if machine is None:
             machine = self.choose_machine(job)
         elif not self._eligible[op, machine]:
@@ -259,9 +301,12 @@ class PlantModel:
 
         The fast path for callers that have already checked :meth:`action_mask` (a job in
         the mask has an idle eligible machine; on a classic shop it is ``job_machine``).
+        With a ``delay`` it starts at its earliest start instead, which may be later.
         """
         op = int(self.job_next[job])
         now = self.now
+        if self.delay is not None:
+            now = max(now, float(self.job_ready[job]), float(self._free_ext[machine]))
         duration = self._durations[op, machine]
         end = now + duration / self.speed[machine]
         self.op_start[op] = now
@@ -332,6 +377,9 @@ class PlantModel:
         """
         if self.n_started == self.instance.n_ops:
             return
+        if self.delay is not None:
+            self._decide_with_delay()
+            return
         machine_free, starts = self._earliest_starts()
         t = float(np.minimum.reduce(starts))
         if t > self.now:
@@ -348,8 +396,11 @@ class PlantModel:
         machines, when the machine is free plus the work that only it can do. It equals
         the makespan once everything has started, which makes ``-(change in bound)`` a
         dense reward whose sum is ``-(makespan - initial bound)``. Computed as
-        ``max(max(ready + work), now + max(work))``, which needs no per-step rebuild.
+        ``max(max(ready + work), now + max(work))``, which needs no per-step rebuild. With
+        a ``delay`` the ``now`` term is left out: operations may still start before now.
         """
+        if self.delay is not None:
+            return max(self._lb_fixed)
         return max(max(self._lb_fixed), self.now + max(self._lb_work))
 
     def makespan(self) -> float:
@@ -369,6 +420,25 @@ class PlantModel:
     def schedule(self) -> list[dict[str, Any]]:
         """The operations started so far: job, index in its route, machine, start, end."""
         return schedule_table(self.instance, self.op_machine, self.op_start, self.op_end)
+
+
+def check_delay(delay: float | None, instance: Instance) -> None:
+    """Refuse a ``delay`` (see :class:`PlantModel`) outside ``[0, 1]``, or on a flexible shop.
+
+    Raises:
+        ValueError: naming the value or the instance.
+    """
+    if delay is None:
+        return
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0.0 <= delay <= 1.0:
+        raise ValueError(
+            f"delay must be a number in [0, 1] (or None for non-delay schedules), got {delay!r}"
+        )
+    if instance.is_flexible:
+        raise ValueError(
+            f"delay scheduling runs classic job shops only; {instance.name!r} has operations "
+            "with a choice of machines (use delay=None)"
+        )
 
 
 def schedule_table(

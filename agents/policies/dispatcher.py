@@ -25,6 +25,7 @@ env that lacks a block it reads) and a JSON string of provenance (how it was tra
 from __future__ import annotations
 
 import json
+import math
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -96,10 +97,12 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "basic": _BASIC_BLOCKS,
     "routing": _BASIC_BLOCKS + _ROUTING_BLOCKS,
 }
-#: The ``.npz`` layout written by :func:`save_dispatcher` (3 added the feature set).
-FORMAT_VERSION = 3
-#: Older formats :func:`load_dispatcher` still reads (2: ``basic`` features only).
-_READABLE_FORMATS = (2, 3)
+#: The ``.npz`` layout written by :func:`save_dispatcher` (3 added the feature set, 4 the
+#: schedule-generation ``delay``).
+FORMAT_VERSION = 4
+#: Older formats :func:`load_dispatcher` still reads (2: ``basic`` features only; 2 and 3:
+#: non-delay).
+_READABLE_FORMATS = (2, 3, 4)
 #: The dispatcher shipped with autofab (see ``pretrained/README.md`` for how it was made).
 DEFAULT_DISPATCHER = Path(__file__).resolve().parent / "pretrained" / "jobshop_dispatcher.npz"
 
@@ -250,11 +253,20 @@ class DispatcherPolicy:
         layers: Sequence[tuple[NDArray[np.float32], NDArray[np.float32]]],
         meta: Mapping[str, Any] | None = None,
         features: str = "basic",
+        delay: float | None = None,
     ) -> None:
         """``layers``: ``(weight (in, out), bias (out,))`` per layer, tanh between them;
-        ``features``: the feature set (:data:`FEATURE_SETS`) the first layer reads."""
+        ``features``: the feature set (:data:`FEATURE_SETS`) the first layer reads;
+        ``delay``: the schedule-generation scheme it was trained for, ``JobShop-v0``'s
+        ``delay`` argument (None: non-delay). It runs on any env; this is the one it
+        does best on, and the one ``autofab evaluate`` builds for it."""
         if not layers:
             raise ValueError("a dispatcher needs at least one layer")
+        if delay is not None and not (
+            isinstance(delay, int | float) and not isinstance(delay, bool) and 0 <= delay <= 1
+        ):
+            raise ValueError(f"a dispatcher's delay is None or a number in [0, 1], got {delay!r}")
+        self.delay = None if delay is None else float(delay)
         n_in = n_features(features)
         self.features = features
         self.layers = [
@@ -310,14 +322,20 @@ class Rollout:
     step_seconds: NDArray[np.float64] | None = None  # (n_ops,): one lockstep decision each
 
 
-def rollout(instance: Instance, copies: int, pick: Picker, record: bool = False) -> Rollout:
+def rollout(
+    instance: Instance,
+    copies: int,
+    pick: Picker,
+    record: bool = False,
+    delay: float | None = None,
+) -> Rollout:
     """Run ``copies`` schedules of a classic ``instance`` in lockstep, choosing with ``pick``.
 
     With ``record``, every observation, mask, action and job's next machine is kept (what
     training needs); otherwise only the makespans, the schedules (in ``sim``) and the time
-    of each step.
+    of each step. ``delay`` is the env's schedule-generation scheme (None: non-delay).
     """
-    sim = BatchJobShop(instance, copies)
+    sim = BatchJobShop(instance, copies, delay)
     n_ops, n_jobs = instance.n_ops, instance.n_jobs
     obs = masks = actions = machines = None
     if record:
@@ -412,7 +430,9 @@ def sample_schedule(
         raise ValueError(f"samples must be >= 1, got {samples}")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    run = rollout(instance, samples, sampling_picker(policy, instance.n_jobs, rng, 1))
+    run = rollout(
+        instance, samples, sampling_picker(policy, instance.n_jobs, rng, 1), delay=policy.delay
+    )
     best = int(np.argmin(run.makespans))
     assert run.step_seconds is not None
     return SampledSchedule(
@@ -465,12 +485,15 @@ def layers_finite(layers: Layers) -> bool:
 def save_dispatcher(
     policy: DispatcherPolicy, path: str | Path, meta: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write the weights, the feature set, the observation layout and ``meta`` (JSON)."""
+    """Write the weights, the feature set, the schedule ``delay``, the observation layout
+    and ``meta`` (JSON)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {
         "format_version": np.asarray(FORMAT_VERSION),
         "features": np.asarray(policy.features),
+        # NaN: non-delay (None), which a float array cannot hold.
+        "delay": np.asarray(np.nan if policy.delay is None else policy.delay),
         "layout": np.asarray(layout_names()),
         "meta": np.asarray(json.dumps({**policy.meta, **(meta or {})}, sort_keys=True)),
     }
@@ -501,6 +524,7 @@ def load_dispatcher(path: str | Path) -> DispatcherPolicy:
                 )
             layout = [str(name) for name in data["layout"]]
             features = str(data["features"]) if "features" in files else "basic"
+            delay = float(data["delay"]) if "delay" in files else math.nan
             meta = json.loads(str(data["meta"])) if "meta" in files else {}
             layers = read_layers(data)
     except DispatcherLoadError:
@@ -518,7 +542,7 @@ def load_dispatcher(path: str | Path) -> DispatcherPolicy:
     if not layers_finite(layers):
         raise DispatcherLoadError(f"{where} holds non-finite weights")
     try:
-        return DispatcherPolicy(layers, meta, features)
+        return DispatcherPolicy(layers, meta, features, None if math.isnan(delay) else delay)
     except ValueError as exc:
         raise DispatcherLoadError(f"{where}: {exc}") from None
 

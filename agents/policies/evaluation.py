@@ -17,6 +17,9 @@ upper bound, so ``improve`` is never worse than its seed, and its entry names th
 Gap is a fraction of the best-known makespan (0.12 = 12 %). Policies and rules run on the
 same ``JobShopEnv``, so their numbers compare directly; CP-SAT solves the same instance
 with the stated time limit and worker count. Every schedule is validated before it counts.
+A dispatcher trained on delay schedules (``JobShop-v0``'s ``delay``, recorded in its file)
+runs on an env with that ``delay`` on classic shops (:func:`policy_delay`): the same
+instance and spaces, built by the scheme it was trained for; rules run non-delay.
 
 :func:`expand_instances` turns the ``--instances`` text (``"ta01-ta10,ft10"``) into names.
 """
@@ -58,6 +61,7 @@ __all__ = [
     "load_instance_by_name",
     "mean_gaps",
     "parse_methods",
+    "policy_delay",
     "run_policy",
     "run_sampled",
 ]
@@ -270,6 +274,15 @@ def run_policy(
     return _episode_result(instance, method, info, time.perf_counter() - started, latencies)
 
 
+def policy_delay(policy: PolicyFn, instance: Instance) -> float | None:
+    """The ``JobShop-v0`` ``delay`` to run ``policy`` with on ``instance``: a dispatcher's
+    own (the schedule-generation scheme it was trained on), on classic shops; else None
+    (non-delay, as rules and SB3 policies run)."""
+    if isinstance(policy, DispatcherPolicy) and not instance.is_flexible:
+        return policy.delay
+    return None
+
+
 def _run_rule(instance: Instance, rule: str) -> MethodResult:
     env = JobShopEnv(instance)
     policy = RulePolicy(rule)
@@ -470,6 +483,9 @@ def evaluate(
             if method == POLICY and make_policy is not None:
                 env = JobShopEnv(inst)
                 acting = make_policy(env)
+                delay = policy_delay(acting, inst)
+                if delay is not None:  # the same spaces, the schedules it was trained on
+                    env = JobShopEnv(inst, delay=delay)
                 result = run_policy(inst, acting, env=env)
             elif method == SAMPLED and acting is not None and samples is not None:
                 result = run_sampled(inst, acting, samples)

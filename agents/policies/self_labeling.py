@@ -71,9 +71,10 @@ VALIDATION_SEED = 12_345
 class _Scorer(nn.Module):
     """The per-job MLP in torch, for training: ``(..., n_features) -> (...)`` logits."""
 
-    def __init__(self, hidden: int, features: str = "basic") -> None:
+    def __init__(self, hidden: int, features: str = "basic", delay: float | None = None) -> None:
         super().__init__()
         self.features = features
+        self.delay = delay
         self.net = nn.Sequential(
             nn.Linear(n_features(features), hidden),
             nn.Tanh(),
@@ -128,6 +129,7 @@ class _Scorer(nn.Module):
         return DispatcherPolicy(
             [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears],
             features=self.features,
+            delay=self.delay,
         )
 
 
@@ -215,9 +217,11 @@ def validation_instances(per_size: int) -> list[Instance]:
 
 
 def validation_score(policy: DispatcherPolicy, instances: Sequence[Instance]) -> float:
-    """Mean greedy makespan over the instance's lower bound (lower is better, >= 1)."""
+    """Mean greedy makespan over the instance's lower bound (lower is better, >= 1), on
+    schedules of the policy's own ``delay``."""
     ratios = [
-        rollout(inst, 1, greedy_picker(policy, inst.n_jobs)).makespans[0] / _lower_bound(inst)
+        rollout(inst, 1, greedy_picker(policy, inst.n_jobs), delay=policy.delay).makespans[0]
+        / _lower_bound(inst)
         for inst in instances
     ]
     return float(np.mean(ratios))
@@ -241,6 +245,7 @@ def train_self_labeling(
     lr_final: float | None = None,
     loss_over: str = "machine",
     features: str | None = None,
+    delay: float | None = None,
     on_iteration: Callable[[TrainStats], None] | None = None,
     on_best: Callable[[DispatcherPolicy], None] | None = None,
 ) -> DispatcherPolicy:
@@ -274,6 +279,10 @@ def train_self_labeling(
             :data:`~autofab.agents.policies.dispatcher.FEATURE_SETS`); ``None``: the
             ``init``'s, else ``"basic"``. A ``basic`` ``init`` may start a ``routing``
             network.
+        delay: Build the schedules with ``JobShop-v0``'s ``delay`` (parameterised active
+            schedules whose machines may wait for a job about to arrive; see
+            :class:`~autofab.envs.model.PlantModel`); ``None``: the ``init``'s, else
+            non-delay. The policy records it, and is evaluated with it.
         on_iteration: Called after every iteration (progress bars, logs).
         on_best: Called with the weights each time they reach a new best validation score
             (a checkpoint: a run that is stopped or fails keeps its best weights).
@@ -283,6 +292,8 @@ def train_self_labeling(
         settings, the iterations and environment steps done, and the validation score.
     """
     features = _feature_set(features, init)
+    if delay is None and init is not None:
+        delay = init.delay
     checks = {
         "iterations": iterations >= 0,
         "samples": samples >= 1,
@@ -292,6 +303,7 @@ def train_self_labeling(
         "lr_final": lr_final is None or 0 < lr_final <= lr,
         "loss_over": loss_over in LOSS_OVER,
         "features": features in FEATURE_SETS,
+        "delay": delay is None or (isinstance(delay, int | float) and 0 <= delay <= 1),
         "validate_every": validate_every >= 1,
         "sizes": len(sizes) > 0 and all(j >= 1 and m >= 1 for j, m in sizes),
     }
@@ -306,18 +318,19 @@ def train_self_labeling(
             "lr_final": lr_final,
             "loss_over": loss_over,
             "features": features,
+            "delay": delay,
             "validate_every": validate_every,
             "sizes": list(sizes),
         }
         raise ValueError(
             "self-labeling needs iterations >= 0, samples, batch, hidden and validate_every "
             f">= 1, lr > 0, 0 < lr_final <= lr, loss_over in {LOSS_OVER}, features in "
-            f"{sorted(FEATURE_SETS)} and at least one size; got "
+            f"{sorted(FEATURE_SETS)}, delay null or in [0, 1] and at least one size; got "
             + ", ".join(f"{name}={values[name]}" for name in bad)
         )
     th.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    module = _Scorer(hidden, features)
+    module = _Scorer(hidden, features, delay)
     if init is not None:
         module.load(init)
         imitation_instances = 0
@@ -330,7 +343,7 @@ def train_self_labeling(
 
     for _ in range(imitation_instances):
         inst = draw()
-        run = rollout(inst, 1, _mwkr(inst.n_jobs, inst.n_machines), record=True)
+        run = rollout(inst, 1, _mwkr(inst.n_jobs, inst.n_machines), record=True, delay=delay)
         for _ in range(4):
             optimizer.zero_grad()
             _loss(module, run, 0, inst.n_jobs, loss_over).backward()
@@ -366,7 +379,9 @@ def train_self_labeling(
         loss_sum, best_sum, mean_sum = 0.0, 0.0, 0.0
         for _ in range(batch):
             inst = draw()
-            run = rollout(inst, samples, sampling_picker(actor, inst.n_jobs, rng), record=True)
+            run = rollout(
+                inst, samples, sampling_picker(actor, inst.n_jobs, rng), record=True, delay=delay
+            )
             label = int(np.argmin(run.makespans))
             loss = _loss(module, run, label, inst.n_jobs, loss_over) / batch
             loss.backward()
@@ -383,7 +398,11 @@ def train_self_labeling(
             if score < best_score:
                 best, best_score = candidate, score
                 if on_best is not None:
-                    on_best(DispatcherPolicy(best.layers, {"checkpoint_iteration": done}, features))
+                    on_best(
+                        DispatcherPolicy(
+                            best.layers, {"checkpoint_iteration": done}, features, delay
+                        )
+                    )
         if on_iteration is not None:
             on_iteration(
                 TrainStats(
@@ -420,13 +439,14 @@ def train_self_labeling(
             "lr_final": lr_final,
             "loss_over": loss_over,
             "features": features,
+            "delay": delay,
             "imitation_instances": imitation_instances,
             "init": None if init is None else init.meta.get("source", "given weights"),
             "validation_instances_per_size": validation_instances_per_size,
             "validate_every": validate_every,
         },
     }
-    return DispatcherPolicy(final.layers, meta, features)
+    return DispatcherPolicy(final.layers, meta, features, delay)
 
 
 # --------------------------------------------------------------------------- autofab train
@@ -440,6 +460,8 @@ HYPERPARAMS: dict[str, str] = {
     "learning_rate": "a number > 0",
     "loss_over": "'machine' (a label is scored against the jobs waiting for its machine) or 'all'",
     "features": "'basic' or 'routing': the dispatcher's feature set, or null (the init's)",
+    "delay": "a number in [0, 1]: build schedules whose machines may wait that much for a job "
+    "(JobShop-v0's delay), or null (the init's, else non-delay)",
     "learning_rate_final": "a number > 0 (at most learning_rate): cosine-anneal to it, or null",
     "sizes": "a list of [jobs, machines] pairs to draw training instances from",
     "imitation_instances": "an integer >= 0: MWKR warm-start instances",
@@ -469,6 +491,10 @@ def _valid(key: str, value: Any) -> bool:
         return value in LOSS_OVER
     if key == "features":
         return value is None or value in FEATURE_SETS
+    if key == "delay":
+        return value is None or (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+        )
     if key == "sizes":
         return (
             isinstance(value, list)

@@ -787,6 +787,7 @@ def _train_self_labeling(
             lr_final=settings.get("learning_rate_final"),
             loss_over=settings.get("loss_over", "machine"),
             features=settings.get("features"),
+            delay=settings.get("delay"),
             imitation_instances=settings.get("imitation_instances", 20),
             validation_instances_per_size=settings.get("validation_instances_per_size", 8),
             validate_every=settings.get("validate_every", 25),

@@ -25,11 +25,21 @@ def test_routes_of_different_lengths_match_too(uneven_shop: Instance) -> None:
     assert_copies_match_their_environments(uneven_shop)
 
 
-def assert_copies_match_their_environments(instance: Instance) -> None:
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("instance", [load_instance("ft06"), random_instance(15, 10, 3)])
+def test_delay_schedules_match_their_environments(instance: Instance, delay: float) -> None:
+    assert_copies_match_their_environments(instance, delay)
+
+
+def test_delay_schedules_of_uneven_routes_match(uneven_shop: Instance) -> None:
+    assert_copies_match_their_environments(uneven_shop, 0.5)
+
+
+def assert_copies_match_their_environments(instance: Instance, delay: float | None = None) -> None:
     """Random trajectories through a BatchJobShop and one JobShopEnv per copy agree."""
     copies = 4
-    sim = BatchJobShop(instance, copies)
-    envs = [JobShopEnv(instance) for _ in range(copies)]
+    sim = BatchJobShop(instance, copies, delay)
+    envs = [JobShopEnv(instance, delay=delay) for _ in range(copies)]
     obs = [env.reset(seed=0)[0] for env in envs]
     rng = np.random.default_rng(7)
     infos: list[dict[str, Any]] = []
@@ -69,6 +79,9 @@ def test_flexible_shops_and_bad_arguments_are_refused(flexible_spec: dict[str, A
         BatchJobShop(instance_from_dict(flexible_spec), 2)
     with pytest.raises(ValueError, match="copies must be >= 1"):
         BatchJobShop(load_instance("ft06"), 0)
+    for delay in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"delay must be a number in \[0, 1\]"):
+            BatchJobShop(load_instance("ft06"), 2, delay)
     sim = BatchJobShop(load_instance("ft06"), 2)
     while sim.mask[0].all():
         sim.step(np.flatnonzero(sim.mask[0])[:1].repeat(2))
