@@ -26,6 +26,7 @@ instance and spaces, built by the scheme it was trained for; rules run non-delay
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -224,6 +225,8 @@ class MethodResult:
     #: For ``sampled``: schedules built, and p99 of one lockstep step of all of them, ms.
     samples: int | None = None
     step_ms_p99: float | None = None
+    #: For a policy run on delay schedules: ``JobShop-v0``'s ``delay`` it ran with.
+    delay: float | None = None
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -240,6 +243,8 @@ class MethodResult:
         if self.samples is not None:
             out["samples"] = self.samples
             out["step_ms_p99"] = self.step_ms_p99
+        if self.delay is not None:
+            out["delay"] = self.delay
         return out
 
 
@@ -271,7 +276,8 @@ def run_policy(
         obs, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             break
-    return _episode_result(instance, method, info, time.perf_counter() - started, latencies)
+    result = _episode_result(instance, method, info, time.perf_counter() - started, latencies)
+    return result if env.delay is None else dataclasses.replace(result, delay=env.delay)
 
 
 def policy_delay(policy: PolicyFn, instance: Instance) -> float | None:
@@ -340,6 +346,7 @@ def run_sampled(instance: Instance, policy: PolicyFn, samples: int) -> MethodRes
         schedule=result.schedule,
         samples=samples,
         step_ms_p99=result.step_ms_p99,
+        delay=policy.delay,
     )
 
 

@@ -89,6 +89,7 @@ def test_evaluate_runs_it_on_the_schedules_it_was_trained_for(
         methods = doc["instances"][name]["methods"]
         assert methods["policy"]["makespan"] == greedy_makespan(delayed, inst, DELAY)
         assert methods["sampled"]["makespan"] <= methods["policy"]["makespan"]
+        assert methods["policy"]["delay"] == methods["sampled"]["delay"] == DELAY
     sampled = sample_schedule(delayed, load_instance("ft06"), 4)
     assert sampled.makespan == doc["instances"]["ft06"]["methods"]["sampled"]["makespan"]
     # Flexible shops have no delay schedules: there it runs non-delay.
