@@ -281,12 +281,17 @@ def run_policy(
 
 
 def policy_delay(policy: PolicyFn, instance: Instance) -> float | None:
-    """The ``JobShop-v0`` ``delay`` to run ``policy`` with on ``instance``: a dispatcher's
-    own (the schedule-generation scheme it was trained on), on classic shops; else None
-    (non-delay, as rules and SB3 policies run)."""
-    if isinstance(policy, DispatcherPolicy) and not instance.is_flexible:
+    """The ``JobShop-v0`` ``delay`` to run ``policy`` with on ``instance``: the schedule-
+    generation scheme it was trained on (a dispatcher's own; for an SB3 run, its
+    ``--env-kwargs`` ``delay``), on classic shops; else None (non-delay, as rules run)."""
+    if instance.is_flexible:
+        return None
+    if isinstance(policy, DispatcherPolicy):
         return policy.delay
-    return None
+    meta = getattr(policy, "meta", None)  # an SB3 run's policy.json (LoadedPolicy.meta)
+    env_kwargs = meta.get("env_kwargs") if isinstance(meta, dict) else None
+    delay = env_kwargs.get("delay") if isinstance(env_kwargs, dict) else None
+    return float(delay) if isinstance(delay, int | float) and not isinstance(delay, bool) else None
 
 
 def _run_rule(instance: Instance, rule: str) -> MethodResult:

@@ -552,7 +552,8 @@ def sizes_from_env_kwargs(env_kwargs: dict[str, Any], sizes: list[list[int]]) ->
         raise ValueError(
             "self_labeling trains on fresh random instances: --env-kwargs may only be "
             '{"instance": {"jobs": J, "machines": M}} (or leave it out to use the sizes in '
-            f"configs/train/self_labeling.yml); got {env_kwargs}"
+            "configs/train/self_labeling.yml; delay schedules are --hyperparams delay:D); "
+            f"got {env_kwargs}"
         )
     assert isinstance(instance, dict)
     return [[int(instance["jobs"]), int(instance["machines"])]]

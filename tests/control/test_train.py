@@ -168,3 +168,21 @@ def test_bad_input_is_one_red_line_and_exit_2(
 
 def test_parse_seeds_keeps_order_and_drops_repeats() -> None:
     assert parse_seeds("2, 0,2,1") == [2, 0, 1]
+
+
+def test_an_sb3_run_on_delay_schedules_is_evaluated_on_them(tmp_path: Path) -> None:
+    from autofab.agents.policies.artifacts import load_policy
+    from autofab.agents.policies.evaluation import evaluate, policy_delay
+    from autofab.envs.instances import load_instance
+    from autofab.envs.jobshop import JobShopEnv
+
+    tiny = [*TINY]
+    tiny[1] = '{"instance": "ft06", "delay": 0.3}'
+    args = ["train", "--algo", "maskable_ppo", "--env", "autofab/JobShop-v0", *tiny]
+    result = runner.invoke(app, [*args, "-f", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.iterdir()
+    policy = load_policy(folder, JobShopEnv("ft06"))
+    assert policy_delay(policy, load_instance("ft06")) == 0.3
+    doc = evaluate(["ft06"], [], 1.0, policy=policy)
+    assert doc["instances"]["ft06"]["methods"]["policy"]["delay"] == 0.3
