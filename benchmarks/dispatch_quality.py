@@ -41,6 +41,7 @@ from autofab.agents.policies.evaluation import (
     PolicyFn,
     evaluate,
     expand_instances,
+    policy_delays,
 )
 from autofab.envs.instances import InstanceError
 from autofab.envs.jobshop import JobShopEnv
@@ -198,11 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples=samples,
         )
     settings = doc["settings"]
+    delays = policy_delays(doc)
+    on = "" if not delays else f" on delay schedules (delay={', '.join(map(str, delays))})"
     print(
         f"cpsat: {settings['time_limit_s']:g} s, improve: {settings['improve_s']:g} s, "
         f"{settings['cpsat_workers']} workers, seed {settings['cpsat_random_seed']}"
-        + ("" if args.policy is None else f"; policy ({POLICY}): {args.policy}")
+        + ("" if args.policy is None else f"; policy ({POLICY}): {args.policy}{on}")
         + ("" if samples is None else f"; sampled: best of {samples} policy schedules")
+        + ("" if not delays else "; rules: non-delay")
     )
     print(report(doc))
     write_report(args.json, {"environment": info, **doc})

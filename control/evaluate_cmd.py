@@ -38,7 +38,6 @@ from autofab.agents.policies.artifacts import load_policy, resolve_policy_path
 from autofab.agents.policies.cpsat import CpSatError
 from autofab.agents.policies.evaluation import (
     CPSAT,
-    POLICY,
     MethodResult,
     PolicyFn,
     expand_instances,
@@ -250,15 +249,11 @@ def evaluate(
 
     console.print(_table(doc))
     settings = doc["settings"]
-    delays = {
-        entry["methods"][POLICY].get("delay")
-        for entry in doc["instances"].values()
-        if POLICY in entry["methods"]
-    } - {None}
+    delays = evaluation.policy_delays(doc)
     if delays:
         console.print(
             f"[dim]policy: trained on delay schedules, run with JobShop-v0 delay="
-            f"{', '.join(f'{d:g}' for d in sorted(delays))} (rules run non-delay)[/dim]"
+            f"{', '.join(f'{d:g}' for d in delays)} (rules run non-delay)[/dim]"
         )
     if CPSAT in methods:
         ray_run = settings.get("ray")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ __all__ = [
     "mean_gaps",
     "parse_methods",
     "policy_delay",
+    "policy_delays",
     "run_policy",
     "run_sampled",
 ]
@@ -292,6 +293,16 @@ def policy_delay(policy: PolicyFn, instance: Instance) -> float | None:
     env_kwargs = meta.get("env_kwargs") if isinstance(meta, dict) else None
     delay = env_kwargs.get("delay") if isinstance(env_kwargs, dict) else None
     return float(delay) if isinstance(delay, int | float) and not isinstance(delay, bool) else None
+
+
+def policy_delays(doc: Mapping[str, Any]) -> list[float]:
+    """The delays the policy ran with across a results document (empty: non-delay)."""
+    found = {
+        entry["methods"][POLICY].get("delay")
+        for entry in doc["instances"].values()
+        if POLICY in entry["methods"]
+    }
+    return sorted(d for d in found if d is not None)
 
 
 def _run_rule(instance: Instance, rule: str) -> MethodResult:

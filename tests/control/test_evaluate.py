@@ -9,6 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
+from autofab.agents.policies.dispatcher import DEFAULT_DISPATCHER, load_dispatcher
 from autofab.control.evaluate_cmd import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,6 +158,11 @@ def test_improve_and_the_shipped_dispatcher(tmp_path):
     seed_best = min(methods["policy"]["makespan"], methods["mwkr"]["makespan"])
     assert methods["improve"]["makespan"] <= seed_best
     assert methods["policy"]["decision_ms_p99"] < 5.0
+    # The shipped dispatcher was trained on delay schedules, and runs on them.
+    shipped = load_dispatcher(DEFAULT_DISPATCHER)
+    assert shipped.delay is not None
+    assert methods["policy"]["delay"] == shipped.delay
+    assert f"delay={shipped.delay:g}" in result.output
 
 
 def test_improve_must_be_positive(tmp_path):
