@@ -277,17 +277,20 @@ class PlantModel:
         op = int(self.job_next[job])
         if op >= self.job_end[job]:
             raise InvalidActionError(f"job {job} has no operation left to dispatch")
-        if self.job_ready[job] > self.now:
-            raise InvalidActionError(
-                f"job {job} is not ready until t={self.job_ready[job]:g} (now t={self.now:g})"
-            )
-        if self.delay is not None:  # a classic shop: the machine is fixed
+        if self.delay is not None:  # a classic shop: the machine is fixed; it may wait
             if not self.action_mask()[job]:
                 raise InvalidActionError(
                     f"job {job} is not among the jobs competing for the next decision's "
                     f"machine (valid: {np.flatnonzero(self.action_mask()).tolist()})"
                 )
-            return self.start(job, int(self.job_machine[job]))
+            fixed = int(self.job_machine[job])
+            if machine is not None and machine != fixed:
+                raise InvalidActionError(f"job {job}: machine {machine} cannot do operation {op}")
+            return self.start(job, fixed)
+        if self.job_ready[job] > self.now:
+            raise InvalidActionError(
+                f"job {job} is not ready until t={self.job_ready[job]:g} (now t={self.now:g})"
+            )
         if machine is None:
             machine = self.choose_machine(job)
         elif not self._eligible[op, machine]:

@@ -48,6 +48,14 @@ def test_a_machine_may_wait_for_a_better_job() -> None:
     starts = {(e["job"], e["index"]): e["start"] for e in info["schedule"]}
     assert starts[(1, 1)] == 1  # machine 0 idled from 0 to 1 for job 1
     assert starts[(0, 0)] == 2
+    # The model's own dispatch takes a valid job that is not ready yet, and waits for it.
+    env = JobShopEnv(WAIT_PAYS, delay=1.0)
+    env.reset(seed=0)
+    env.step(1)  # job 1 on machine 1 at 0
+    model = env.model
+    assert model.job_ready[1] > model.now
+    op = model.dispatch(1)
+    assert model.op_start[op] == 1
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.25, 1.0])
