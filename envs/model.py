@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from autofab.envs.instances import Instance
 
-__all__ = ["InvalidActionError", "PlantModel", "check_delay", "schedule_table"]
+__all__ = ["InvalidActionError", "PlantModel", "check_delay", "schedule_table", "valid_delay"]
 
 _INF = float("inf")
 
@@ -425,6 +425,14 @@ class PlantModel:
         return schedule_table(self.instance, self.op_machine, self.op_start, self.op_end)
 
 
+def valid_delay(delay: object) -> bool:
+    """Whether ``delay`` is a schedule-generation scheme (see :class:`PlantModel`): None
+    (non-delay) or a number in ``[0, 1]`` (not a bool, not NaN)."""
+    return delay is None or (
+        isinstance(delay, int | float) and not isinstance(delay, bool) and 0.0 <= delay <= 1.0
+    )
+
+
 def check_delay(delay: float | None, instance: Instance) -> None:
     """Refuse a ``delay`` (see :class:`PlantModel`) outside ``[0, 1]``, or on a flexible shop.
 
@@ -433,7 +441,7 @@ def check_delay(delay: float | None, instance: Instance) -> None:
     """
     if delay is None:
         return
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0.0 <= delay <= 1.0:
+    if not valid_delay(delay):
         raise ValueError(
             f"delay must be a number in [0, 1] (or None for non-delay schedules), got {delay!r}"
         )

@@ -45,6 +45,7 @@ from autofab.envs.jobshop import (
     OBSERVATION_LAYOUT,
     observation_blocks,
 )
+from autofab.envs.model import valid_delay
 
 __all__ = [
     "DEFAULT_DISPATCHER",
@@ -262,9 +263,7 @@ class DispatcherPolicy:
         does best on, and the one ``autofab evaluate`` builds for it."""
         if not layers:
             raise ValueError("a dispatcher needs at least one layer")
-        if delay is not None and not (
-            isinstance(delay, int | float) and not isinstance(delay, bool) and 0 <= delay <= 1
-        ):
+        if not valid_delay(delay):
             raise ValueError(f"a dispatcher's delay is None or a number in [0, 1], got {delay!r}")
         self.delay = None if delay is None else float(delay)
         n_in = n_features(features)

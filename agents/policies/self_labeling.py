@@ -43,6 +43,7 @@ from autofab.agents.policies.dispatcher import (
 )
 from autofab.envs.instances import Instance, random_instance
 from autofab.envs.jobshop import observation_blocks
+from autofab.envs.model import valid_delay
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -303,7 +304,7 @@ def train_self_labeling(
         "lr_final": lr_final is None or 0 < lr_final <= lr,
         "loss_over": loss_over in LOSS_OVER,
         "features": features in FEATURE_SETS,
-        "delay": delay is None or (isinstance(delay, int | float) and 0 <= delay <= 1),
+        "delay": valid_delay(delay),
         "validate_every": validate_every >= 1,
         "sizes": len(sizes) > 0 and all(j >= 1 and m >= 1 for j, m in sizes),
     }
@@ -492,9 +493,7 @@ def _valid(key: str, value: Any) -> bool:
     if key == "features":
         return value is None or value in FEATURE_SETS
     if key == "delay":
-        return value is None or (
-            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
-        )
+        return valid_delay(value)
     if key == "sizes":
         return (
             isinstance(value, list)
