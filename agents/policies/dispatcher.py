@@ -8,11 +8,14 @@ instance size follows from the observation (:func:`~autofab.envs.jobshop.observa
 This module needs only numpy: deployment (``autofab evaluate``, the agents) does not need
 torch. Training lives in :mod:`autofab.agents.policies.self_labeling`.
 
-Two feature sets exist (:data:`FEATURE_SETS`). ``basic`` reads each job's own blocks and
-pools the rest. ``routing`` adds what a job's choice does to the jobs it competes with:
-the jobs whose next operation is on the same machine ("rivals"), the bound on their
-completion if this job goes first, the delay it imposes on them, and where its route goes
-next (:func:`routing_features`).
+Three feature sets exist (:data:`FEATURE_SETS`), each extending the one before it
+(:data:`FEATURE_PARENT`). ``basic`` reads each job's own blocks and pools the rest.
+``routing`` adds what a job's choice does to the jobs it competes with: the jobs whose next
+operation is on the same machine ("rivals"), the bound on their completion if this job goes
+first, the delay it imposes on them, and where its route goes next
+(:func:`routing_features`). ``queues`` adds the queues and loads of the machines a job
+goes to now and next: whether its next-but-one machine would starve without it, and how
+near each machine is to being the bottleneck (:func:`queue_features`).
 
 The weights file is a plain ``.npz`` (no pickle): the layers, a format version, the
 feature set, the observation layout the policy was trained on (a policy is refused on an
@@ -49,9 +52,11 @@ from autofab.envs.model import valid_delay
 
 __all__ = [
     "DEFAULT_DISPATCHER",
+    "FEATURE_PARENT",
     "FEATURE_SETS",
     "FORMAT_VERSION",
     "N_FEATURES",
+    "N_QUEUE",
     "N_ROUTING",
     "DispatcherLoadError",
     "DispatcherPolicy",
@@ -59,11 +64,13 @@ __all__ = [
     "Rollout",
     "SampledSchedule",
     "check_layout",
+    "feature_lineage",
     "greedy_picker",
     "job_features",
     "layout_names",
     "load_dispatcher",
     "n_features",
+    "queue_features",
     "rollout",
     "routing_features",
     "sample_schedule",
@@ -91,13 +98,21 @@ _ROUTING_BLOCKS = ("job_next_machine", "job_next2_op_time", "job_next2_machine",
 N_FEATURES = 3 * len(_JOB_BLOCKS) + 2 * len(_MACHINE_BLOCKS) + len(_PLANT_BLOCKS)
 #: Per-job features :func:`routing_features` computes.
 N_ROUTING = 9
+#: Per-job features :func:`queue_features` computes.
+N_QUEUE = 6
 #: Feature set name -> the blocks it reads. ``routing`` features are the ``basic`` ones,
-#: then the :data:`N_ROUTING` routing features, their mean and their max over jobs.
+#: then the :data:`N_ROUTING` routing features, their mean and their max over jobs;
+#: ``queues`` features are the ``routing`` ones, then the :data:`N_QUEUE` queue features.
 _BASIC_BLOCKS = _JOB_BLOCKS + _MACHINE_BLOCKS + _PLANT_BLOCKS
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "basic": _BASIC_BLOCKS,
     "routing": _BASIC_BLOCKS + _ROUTING_BLOCKS,
+    "queues": _BASIC_BLOCKS + _ROUTING_BLOCKS,
 }
+#: Feature set -> the set whose features its own begin with (None: the first set). A
+#: network for a set can start from weights trained on any set it extends: the inputs it
+#: adds get zero weights (see ``self_labeling``).
+FEATURE_PARENT: dict[str, str | None] = {"basic": None, "routing": "basic", "queues": "routing"}
 #: The ``.npz`` layout written by :func:`save_dispatcher` (3 added the feature set, 4 the
 #: schedule-generation ``delay``).
 FORMAT_VERSION = 4
@@ -121,7 +136,18 @@ def n_features(features: str = "basic") -> int:
     """Inputs per job of the feature set ``features`` (a key of :data:`FEATURE_SETS`)."""
     if features not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {features!r}; known: {sorted(FEATURE_SETS)}")
-    return N_FEATURES + (3 * N_ROUTING if features == "routing" else 0)
+    added = {"basic": N_FEATURES, "routing": 3 * N_ROUTING, "queues": N_QUEUE}
+    return sum(added[name] for name in feature_lineage(features))
+
+
+def feature_lineage(features: str) -> list[str]:
+    """``features`` and every set it extends, the first set first."""
+    lineage: list[str] = []
+    name: str | None = features
+    while name is not None:
+        lineage.append(name)
+        name = FEATURE_PARENT[name]
+    return lineage[::-1]
 
 
 def _blocks(obs: NDArray[np.float32], n_jobs: int) -> dict[str, NDArray[np.float32]]:
@@ -158,11 +184,14 @@ def job_features(
     out = np.empty((x.shape[0], n_jobs, n_features(features)), dtype=np.float32)
     out[:, :, : len(_JOB_BLOCKS)] = jobs.transpose(0, 2, 1)
     out[:, :, len(_JOB_BLOCKS) : N_FEATURES] = context[:, None, :]
-    if features == "routing":
+    if features in ("routing", "queues"):
         own = routing_features(blocks)
+        end = N_FEATURES + 3 * N_ROUTING
         out[:, :, N_FEATURES : N_FEATURES + N_ROUTING] = own
         out[:, :, N_FEATURES + N_ROUTING : N_FEATURES + 2 * N_ROUTING] = own.mean(axis=1)[:, None]
-        out[:, :, N_FEATURES + 2 * N_ROUTING :] = own.max(axis=1)[:, None]
+        out[:, :, N_FEATURES + 2 * N_ROUTING : end] = own.max(axis=1)[:, None]
+        if features == "queues":
+            out[:, :, end:] = queue_features(blocks)
     return out[0] if single else out
 
 
@@ -238,6 +267,56 @@ def routing_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.fl
     out[..., 7] = rivals_bound - bound
     out[..., 8] = pair.sum(axis=2) / 4.0
     np.clip(out[..., 6:], -1.0, 1.0, out=out[..., 6:])
+    return out
+
+
+def queue_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.float32]:
+    """``(B, n_jobs, N_QUEUE)``: the queues and loads of each job's next two machines.
+
+    ``blocks`` is a batch of observations split by :func:`observation_blocks`. A machine's
+    *queue* is the unfinished jobs whose next operation is on it. Times are in units of the
+    longest operation ``T``. Per job, with ``m1`` its next machine and ``m2`` the one after:
+
+    0. the queue at ``m2``, over ``n_jobs``;
+    1. the queue's next-operation time at ``m2``, summed, over ``4 T``;
+    2. ``m2``'s idle time if this job goes next and nothing else is queued there: the job's
+       arrival at ``m2`` (its wait plus its next operation) less ``m2``'s wait, clipped to
+       ``[-1, 1]``, where the queue at ``m2`` is empty (0 otherwise: the queue feeds it);
+    3. the work left on ``m1`` over the most work left on any machine (1: the bottleneck);
+    4. the same for ``m2``;
+    5. as 2, whatever the queue at ``m2``.
+
+    A job without an ``m2`` (on its last operation) or finished scores 0 on 0-2, 4 and 5.
+    """
+    wait_now = blocks["job_wait"]
+    b, n_jobs = wait_now.shape
+    n_machines = blocks["machine_wait"].shape[1]
+    # Index n_machines ("no machine") reads the zero column appended at the end.
+    m1 = _machine_index(blocks["job_next_machine"], n_machines)
+    m2 = _machine_index(blocks["job_next2_machine"], n_machines)
+    m1[m1 < 0] = n_machines
+    has_m2 = m2 >= 0
+    m2[~has_m2] = n_machines
+    queue = np.zeros((b, n_machines + 1), dtype=np.float32)
+    queue_time = np.zeros((b, n_machines + 1), dtype=np.float32)
+    rows = np.repeat(np.arange(b), n_jobs)
+    np.add.at(queue, (rows, m1.ravel()), 1.0)
+    np.add.at(queue_time, (rows, m1.ravel()), blocks["job_next_op_time"].ravel())
+    queue[:, n_machines] = queue_time[:, n_machines] = 0.0
+    pad = np.zeros((b, 1), dtype=np.float32)
+    work = blocks["machine_work_left"]
+    share = np.concatenate([work / np.maximum(work.max(axis=1, keepdims=True), 1e-6), pad], 1)
+    machine_wait = np.concatenate([blocks["machine_wait"], pad], axis=1)
+    arrive = np.maximum(wait_now, 0.0) + blocks["job_next_op_time"]
+    idle = np.clip(arrive - np.take_along_axis(machine_wait, m2, axis=1), -1.0, 1.0)
+    idle *= has_m2
+    out = np.empty((b, n_jobs, N_QUEUE), dtype=np.float32)
+    out[..., 0] = np.take_along_axis(queue, m2, axis=1) / n_jobs
+    out[..., 1] = np.take_along_axis(queue_time, m2, axis=1) / 4.0
+    out[..., 2] = idle * (out[..., 0] == 0)
+    out[..., 3] = np.take_along_axis(share, m1, axis=1)
+    out[..., 4] = np.take_along_axis(share, m2, axis=1)
+    out[..., 5] = idle
     return out
 
 

@@ -35,6 +35,7 @@ from autofab.agents.policies.dispatcher import (
     DispatcherPolicy,
     Picker,
     Rollout,
+    feature_lineage,
     greedy_picker,
     job_features,
     n_features,
@@ -93,9 +94,10 @@ class _Scorer(nn.Module):
         A network with wider hidden layers than ``policy``'s is *widened* without changing
         its function (net2net style): the given weights fill the top-left corner, the new
         hidden units keep their random incoming weights, and their outgoing weights are
-        zero, so they start silent and training decides what they learn. A ``basic``
-        policy loads into a ``routing`` network the same way: the routing features come
-        after the basic ones and their input weights start at zero.
+        zero, so they start silent and training decides what they learn. A policy of a
+        feature set this network's set extends (``basic`` -> ``routing`` -> ``queues``)
+        loads the same way: the added features come after its own and their input weights
+        start at zero.
         """
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         shapes = [(m.in_features, m.out_features) for m in linears]
@@ -103,14 +105,12 @@ class _Scorer(nn.Module):
         fits = len(given) == len(shapes) and all(
             gi <= si and go <= so for (gi, go), (si, so) in zip(given, shapes, strict=True)
         )
-        features_fit = policy.features == self.features or (
-            policy.features == "basic" and self.features == "routing"
-        )
-        if not features_fit:
+        lineage = feature_lineage(self.features)
+        if policy.features not in lineage:
             raise ValueError(
                 f"init weights read the {policy.features!r} features; this network reads "
-                f"{self.features!r} (an init may read the same features, or 'basic' ones "
-                "to start a 'routing' network)"
+                f"{self.features!r} (an init may read the same features or a set they "
+                f"extend: {', '.join(repr(name) for name in lineage)})"
             )
         if not fits or given[-1][1] != shapes[-1][1]:
             raise ValueError(
@@ -276,10 +276,10 @@ def train_self_labeling(
             ``max_env_steps`` is closest to running out); ``None`` keeps ``lr``.
         loss_over: ``"machine"``: score each label decision against the jobs waiting for
             the same machine only (see :func:`_loss`); ``"all"``: against every valid job.
-        features: The feature set the network reads (``"basic"`` or ``"routing"``, see
-            :data:`~autofab.agents.policies.dispatcher.FEATURE_SETS`); ``None``: the
-            ``init``'s, else ``"basic"``. A ``basic`` ``init`` may start a ``routing``
-            network.
+        features: The feature set the network reads (``"basic"``, ``"routing"`` or
+            ``"queues"``, see :data:`~autofab.agents.policies.dispatcher.FEATURE_SETS`);
+            ``None``: the ``init``'s, else ``"basic"``. An ``init`` of a set this one
+            extends may start it (``basic`` -> ``routing`` -> ``queues``).
         delay: Build the schedules with ``JobShop-v0``'s ``delay`` (parameterised active
             schedules whose machines may wait for a job about to arrive; see
             :class:`~autofab.envs.model.PlantModel`); ``None``: the ``init``'s, else
@@ -460,7 +460,8 @@ HYPERPARAMS: dict[str, str] = {
     "hidden": "an integer >= 1: width of the two hidden layers",
     "learning_rate": "a number > 0",
     "loss_over": "'machine' (a label is scored against the jobs waiting for its machine) or 'all'",
-    "features": "'basic' or 'routing': the dispatcher's feature set, or null (the init's)",
+    "features": "'basic', 'routing' or 'queues': the dispatcher's feature set, "
+    "or null (the init's)",
     "delay": "a number in [0, 1]: build schedules whose machines may wait that much for a job "
     "(JobShop-v0's delay), or null (the init's, else non-delay)",
     "learning_rate_final": "a number > 0 (at most learning_rate): cosine-anneal to it, or null",

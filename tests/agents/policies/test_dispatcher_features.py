@@ -1,5 +1,6 @@
-"""The dispatcher's feature sets: the routing features against their definition, and files
-of either set (and of the older format) loading where they fit and refused where not."""
+"""The dispatcher's feature sets: the routing and queue features against their definitions,
+and files of each set (and of the older format) loading where they fit and refused where
+not."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from autofab.agents.policies import self_labeling
 from autofab.agents.policies.artifacts import PolicyLoadError, load_policy
 from autofab.agents.policies.dispatcher import (
     N_FEATURES,
+    N_QUEUE,
     N_ROUTING,
     DispatcherLoadError,
     DispatcherPolicy,
+    feature_lineage,
     job_features,
     load_dispatcher,
     n_features,
@@ -99,6 +102,64 @@ def test_routing_features_match_their_definition_along_random_schedules(instance
         sim.step(np.asarray(picks))
 
 
+def _queues_by_definition(sim: BatchJobShop, copy: int) -> np.ndarray:
+    """The queue features of one copy, job by job, from the simulator's own state."""
+    inst = sim.instance
+    n_jobs = inst.n_jobs
+    big_t = inst.max_duration
+    now = sim.now[copy]
+    machine_of = np.argmax(inst.eligible, axis=1)
+    duration = inst.min_duration
+    nxt = sim._next[copy]
+    done = nxt == inst.n_ops
+    machine = [None if done[j] else int(machine_of[nxt[j]]) for j in range(n_jobs)]
+    has_after = [not done[j] and nxt[j] + 1 < inst.job_offsets[j + 1] for j in range(n_jobs)]
+    after = [int(machine_of[nxt[j] + 1]) if has_after[j] else None for j in range(n_jobs)]
+    work = sim._machine_work[copy, : inst.n_machines]
+    out = np.zeros((n_jobs, N_QUEUE))
+    for j in range(n_jobs):
+        m1, m2 = machine[j], after[j]
+        if m1 is not None:
+            out[j, 3] = work[m1] / work.max()
+        if m2 is None:
+            continue
+        queue = [k for k in range(n_jobs) if machine[k] == m2]
+        out[j, 0] = len(queue) / n_jobs
+        out[j, 1] = sum(duration[nxt[k]] for k in queue) / big_t / 4.0
+        wait = min(max(sim._ready[copy, j] - now, 0.0) / big_t, 1.0)
+        m2_wait = min(max(sim._free[copy, m2] - now, 0.0) / big_t, 1.0)
+        idle = float(np.clip(wait + duration[nxt[j]] / big_t - m2_wait, -1.0, 1.0))
+        out[j, 2] = idle if not queue else 0.0
+        out[j, 4] = work[m2] / work.max()
+        out[j, 5] = idle
+    return out
+
+
+@pytest.mark.parametrize(("instance", "delay"), [("ft06", None), ("la01", 0.4), ("random", 0.7)])
+def test_queue_features_match_their_definition_along_random_schedules(
+    instance: str, delay: float | None
+) -> None:
+    rng = np.random.default_rng(5)
+    inst = random_instance(9, 5, rng) if instance == "random" else load_instance(instance)
+    sim = BatchJobShop(inst, 3, delay)
+    while not sim.done:
+        obs = sim.observe()
+        feats = job_features(obs, inst.n_jobs, "queues")
+        assert feats.shape == (3, inst.n_jobs, n_features("queues"))
+        np.testing.assert_array_equal(
+            feats[..., : n_features("routing")], job_features(obs, inst.n_jobs, "routing")
+        )
+        for copy in range(3):
+            np.testing.assert_allclose(
+                feats[copy, :, n_features("routing") :],
+                _queues_by_definition(sim, copy),
+                atol=3e-5,
+                err_msg=f"decision {sim.n_started}, copy {copy}",
+            )
+        picks = [rng.choice(np.flatnonzero(row)) for row in sim.mask]
+        sim.step(np.asarray(picks))
+
+
 def _basic_policy(seed: int = 0, hidden: int = 8) -> DispatcherPolicy:
     rng = np.random.default_rng(seed)
     sizes = [N_FEATURES, hidden, hidden, 1]
@@ -130,6 +191,31 @@ def test_a_basic_init_starts_a_routing_network_as_the_same_function() -> None:
         iterations=0, init=routing, hidden=8, validation_instances_per_size=0
     )
     assert again.features == "routing"  # an init's feature set is the default
+
+
+def test_an_init_of_any_set_a_set_extends_starts_it_as_the_same_function() -> None:
+    assert feature_lineage("queues") == ["basic", "routing", "queues"]
+    basic = _basic_policy(seed=1)
+    env = JobShopEnv("ta01", delay=0.4)
+    obs, _ = env.reset(seed=0)
+    expected = basic.scores(job_features(obs, 15, "basic"))
+    for init in (basic, _widened(basic, "routing")):
+        queues = self_labeling.train_self_labeling(
+            iterations=0, init=init, hidden=8, features="queues", validation_instances_per_size=0
+        )
+        assert queues.layers[0][0].shape == (n_features("queues"), 8)
+        np.testing.assert_allclose(
+            queues.scores(job_features(obs, 15, "queues")), expected, atol=1e-5
+        )
+    with pytest.raises(ValueError, match="'basic', 'routing'"):
+        self_labeling.train_self_labeling(iterations=0, init=queues, hidden=8, features="routing")
+
+
+def _widened(policy: DispatcherPolicy, features: str) -> DispatcherPolicy:
+    """``policy`` as a network of the larger set ``features`` (the same function)."""
+    return self_labeling.train_self_labeling(
+        iterations=0, init=policy, hidden=8, features=features, validation_instances_per_size=0
+    )
     with pytest.raises(ValueError, match="features="):
         self_labeling.train_self_labeling(iterations=0, features="graph")
 
