@@ -31,13 +31,15 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from autofab.envs.instances import Instance
 from autofab.envs.validate import validate_schedule
+
+if TYPE_CHECKING:  # OR-Tools takes about a second to import: only a solve loads it
+    from ortools.sat.python import cp_model
 
 __all__ = ["CpSatError", "CpSatResult", "available_cpus", "solve_cpsat", "time_scale"]
 
@@ -144,6 +146,8 @@ def solve_cpsat(
     horizon = max(release) + sum(
         max(ticks[o, int(m)] for m in np.flatnonzero(inst.eligible[o])) for o in range(inst.n_ops)
     )
+
+    from ortools.sat.python import cp_model
 
     model = cp_model.CpModel()
     starts: list[cp_model.IntVar] = []
