@@ -297,11 +297,11 @@ def queue_features(blocks: Mapping[str, NDArray[np.float32]]) -> NDArray[np.floa
     m1[m1 < 0] = n_machines
     has_m2 = m2 >= 0
     m2[~has_m2] = n_machines
-    queue = np.zeros((b, n_machines + 1), dtype=np.float32)
-    queue_time = np.zeros((b, n_machines + 1), dtype=np.float32)
-    rows = np.repeat(np.arange(b), n_jobs)
-    np.add.at(queue, (rows, m1.ravel()), 1.0)
-    np.add.at(queue_time, (rows, m1.ravel()), blocks["job_next_op_time"].ravel())
+    # Per observation and machine: jobs queued there and their next-operation time.
+    slot = (m1 + (n_machines + 1) * np.arange(b)[:, None]).ravel()
+    size = b * (n_machines + 1)
+    queue = np.bincount(slot, minlength=size).reshape(b, -1).astype(np.float32)
+    queue_time = np.bincount(slot, blocks["job_next_op_time"].ravel(), size).reshape(b, -1)
     queue[:, n_machines] = queue_time[:, n_machines] = 0.0
     pad = np.zeros((b, 1), dtype=np.float32)
     work = blocks["machine_work_left"]
