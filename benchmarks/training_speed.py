@@ -32,11 +32,13 @@ import autofab.envs  # noqa: F401  (registers autofab/JobShop-v0)
 
 SIZE = {"jobs": 15, "machines": 15}
 OURS, PEER = "autofab JobShop-v0 (MaskablePPO)", "CartPole-v1 (PPO)"
-#: Self-labeling runs, by the dispatcher feature set they train (the shipped file reads
-#: ``routing``; its stage-1 start read ``basic``).
-SELF_LABELING = {
-    "basic": "autofab JobShop-v0 (self-labeling, basic features)",
-    "routing": "autofab JobShop-v0 (self-labeling, routing features: shipped)",
+#: Self-labeling runs: name -> the dispatcher feature set they train and the schedules'
+#: ``delay`` (the shipped file reads ``queues`` on delay 0.4 schedules; its earlier stages
+#: read ``basic`` and ``routing`` on non-delay ones).
+SELF_LABELING: dict[str, tuple[str, float | None]] = {
+    "autofab JobShop-v0 (self-labeling, basic features)": ("basic", None),
+    "autofab JobShop-v0 (self-labeling, routing features)": ("routing", None),
+    "autofab JobShop-v0 (self-labeling, queue features, delay 0.4: shipped)": ("queues", 0.4),
 }
 
 
@@ -48,9 +50,9 @@ def time_learn(make: Callable[[], object], steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def time_self_labeling(steps: int, features: str) -> float:
+def time_self_labeling(steps: int, features: str, delay: float | None) -> float:
     """Environment steps per second of self-labeling training for about ``steps`` steps,
-    training a dispatcher that reads the feature set ``features``."""
+    training a dispatcher that reads the feature set ``features`` on ``delay`` schedules."""
     from autofab.agents.policies.self_labeling import train_self_labeling
 
     start = time.perf_counter()
@@ -61,6 +63,7 @@ def time_self_labeling(steps: int, features: str) -> float:
         validation_instances_per_size=0,
         max_env_steps=steps,
         features=features,
+        delay=delay,
     )
     return int(policy.meta["env_steps"]) / (time.perf_counter() - start)
 
@@ -87,13 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def peer() -> object:
         return PPO("MlpPolicy", gym.make("CartPole-v1"), seed=0, device="cpu")
 
-    rates: dict[str, list[float]] = {OURS: [], **{n: [] for n in SELF_LABELING.values()}, PEER: []}
+    rates: dict[str, list[float]] = {OURS: [], **{name: [] for name in SELF_LABELING}, PEER: []}
     for _ in range(args.repeats):
         # Alternate them so that load on a shared machine hits all alike.
         rates[PEER].append(time_learn(peer, args.steps))
         rates[OURS].append(time_learn(ours, args.steps))
-        for features, name in SELF_LABELING.items():
-            rates[name].append(time_self_labeling(args.steps * 10, features))
+        for name, (features, delay) in SELF_LABELING.items():
+            rates[name].append(time_self_labeling(args.steps * 10, features, delay))
     ours_median = statistics.median(rates[OURS])
     peer_median = statistics.median(rates[PEER])
     rows = [
@@ -103,9 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\ntraining steps/s, median [min-max] over {args.repeats} repeats of {args.steps} steps")
     print(markdown_table(["run", "steps/s", "ratio to CartPole"], rows, left=1))
     print(f"ratio (MaskablePPO on JobShop-v0 / CartPole): {ours_median / peer_median:.2f}")
-    for features, name in SELF_LABELING.items():
+    for name, (features, delay) in SELF_LABELING.items():
         ratio = statistics.median(rates[name]) / peer_median
-        print(f"ratio (self-labeling, {features} features, on JobShop-v0 / CartPole): {ratio:.2f}")
+        scheme = "non-delay" if delay is None else f"delay {delay:g}"
+        print(
+            f"ratio (self-labeling, feature set {features}, {scheme}, on JobShop-v0 / CartPole): "
+            f"{ratio:.2f}"
+        )
     return 0
 
 
