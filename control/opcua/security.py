@@ -188,9 +188,13 @@ async def secure_client(
 ) -> Client:
     """An asyncua client for ``endpoint`` on a Basic256Sha256 SignAndEncrypt channel, with
     the client certificate ``name`` (made once in ``cert_dir``); not connected yet. Without
-    a login it is anonymous: it may read, never write."""
+    a login it is anonymous: it may read, never write.
+
+    ``timeout`` bounds every request, and asyncua's liveness probe of the server too (its
+    default drops the link when one probe takes over a second, which a loaded plant
+    server, or a shared CI machine, can)."""
     files = ensure_client_files(cert_dir, name)
-    client = Client(endpoint, timeout=timeout)
+    client = Client(endpoint, timeout=timeout, watchdog_intervall=timeout)
     client.application_uri = f"urn:autofab:{name}"
     await client.set_security(
         SecurityPolicyBasic256Sha256,

@@ -125,7 +125,8 @@ class PlantWriter:
         retries with backoff.
         """
         await self.disconnect()
-        client = Client(self.endpoint, timeout=self.timeout_s)
+        # The liveness probe gets the request timeout too (asyncua's default: 1 s).
+        client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=self.timeout_s)
         client.application_uri = self.credentials.application_uri
         await client.set_security(
             SecurityPolicyBasic256Sha256,

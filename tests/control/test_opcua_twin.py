@@ -29,6 +29,7 @@ from autofab.control.opcua.security import (
     close_client,
     ensure_client_files,
     ensure_server_files,
+    secure_client,
 )
 from autofab.control.opcua.twin import PlantTwin, TwinSettings
 from autofab.envs.plant import load_plant
@@ -379,4 +380,40 @@ def test_close_client_is_bounded_when_the_server_stops_answering(
         assert asyncio.run(main()) < 2.5
     finally:
         release.set()
+        server.call(twin.__aexit__(None, None, None))
+
+
+def test_a_server_stall_shorter_than_the_request_timeout_keeps_the_link(
+    certs: Path, loop_thread: Callable[[float], Any]
+) -> None:
+    """asyncua probes a connected server every second and, by default, drops the link when
+    a probe takes over a second. Our clients give a plant their request timeout (4 s)
+    instead, so a loaded server that stalls for under that keeps the link (an early CI
+    flake: the supervisor lost the twin while the shared machine was busy)."""
+    server = loop_thread(30.0)
+    twin = PlantTwin(load_plant(DEMO), settings(certs))
+    server.call(twin.__aenter__())
+    try:
+
+        async def main() -> list[Exception]:
+            lost: list[Exception] = []
+
+            async def on_lost(error: Exception) -> None:
+                lost.append(error)
+
+            client = await secure_client(twin.endpoint, twin.cert_dir, "supervisor-client")
+            client.connection_lost_callback = on_lost
+            await client.connect()
+            try:
+                state = client.get_node(ua.ObjectIds.Server_ServerStatus_State)
+                assert await state.read_value() == 0
+                server.loop.call_soon_threadsafe(time.sleep, 2.0)  # the server stalls 2 s
+                await asyncio.sleep(3.0)
+                assert await state.read_value() == 0
+            finally:
+                await close_client(client)
+            return lost
+
+        assert asyncio.run(main()) == []
+    finally:
         server.call(twin.__aexit__(None, None, None))
