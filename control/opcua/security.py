@@ -60,6 +60,7 @@ __all__ = [
     "TwinUserManager",
     "close_client",
     "default_cert_dir",
+    "encrypted_client",
     "ensure_client_files",
     "ensure_server_files",
     "secure_client",
@@ -183,19 +184,18 @@ def ensure_client_files(cert_dir: Path, name: str = "supervisor-client") -> Clie
     return ClientFiles(cert, key)
 
 
-async def secure_client(
-    endpoint: str, cert_dir: Path, name: str, *, timeout: float = 4.0
+async def encrypted_client(
+    endpoint: str, files: ClientFiles, application_uri: str, *, timeout: float = 4.0
 ) -> Client:
-    """An asyncua client for ``endpoint`` on a Basic256Sha256 SignAndEncrypt channel, with
-    the client certificate ``name`` (made once in ``cert_dir``); not connected yet. Without
-    a login it is anonymous: it may read, never write.
+    """An asyncua client for ``endpoint`` on a Basic256Sha256 SignAndEncrypt channel with
+    the certificate and key ``files``; not connected, not logged in yet. Every autofab
+    OPC UA client is made here.
 
     ``timeout`` bounds every request, and asyncua's liveness probe of the server too (its
     default drops the link when one probe takes over a second, which a loaded plant
     server, or a shared CI machine, can)."""
-    files = ensure_client_files(cert_dir, name)
     client = Client(endpoint, timeout=timeout, watchdog_intervall=timeout)
-    client.application_uri = f"urn:autofab:{name}"
+    client.application_uri = application_uri
     await client.set_security(
         SecurityPolicyBasic256Sha256,
         str(files.certificate),
@@ -203,6 +203,15 @@ async def secure_client(
         mode=ua.MessageSecurityMode.SignAndEncrypt,
     )
     return client
+
+
+async def secure_client(
+    endpoint: str, cert_dir: Path, name: str, *, timeout: float = 4.0
+) -> Client:
+    """:func:`encrypted_client` with the client certificate ``name`` (made once in
+    ``cert_dir``). Without a login it is anonymous: it may read, never write."""
+    files = ensure_client_files(cert_dir, name)
+    return await encrypted_client(endpoint, files, f"urn:autofab:{name}", timeout=timeout)
 
 
 #: How long :func:`close_client` waits for a polite close before it drops the socket.

@@ -31,10 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Client, ua
-from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from autofab.control.opcua.nodemap import NodeMap
-from autofab.control.opcua.security import SUPERVISOR_FILE, close_client, ensure_client_files
+from autofab.control.opcua.security import (
+    SUPERVISOR_FILE,
+    ClientFiles,
+    close_client,
+    encrypted_client,
+    ensure_client_files,
+)
 
 __all__ = ["PlantCredentials", "PlantWriter"]
 
@@ -125,14 +130,9 @@ class PlantWriter:
         retries with backoff.
         """
         await self.disconnect()
-        # The liveness probe gets the request timeout too (asyncua's default: 1 s).
-        client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=self.timeout_s)
-        client.application_uri = self.credentials.application_uri
-        await client.set_security(
-            SecurityPolicyBasic256Sha256,
-            str(self.credentials.certificate),
-            str(self.credentials.private_key),
-            mode=ua.MessageSecurityMode.SignAndEncrypt,
+        files = ClientFiles(self.credentials.certificate, self.credentials.private_key)
+        client = await encrypted_client(
+            self.endpoint, files, self.credentials.application_uri, timeout=self.timeout_s
         )
         client.set_user(self.credentials.username)
         client.set_password(self.credentials.password)
