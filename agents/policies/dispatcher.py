@@ -107,12 +107,14 @@ _BASIC_BLOCKS = _JOB_BLOCKS + _MACHINE_BLOCKS + _PLANT_BLOCKS
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "basic": _BASIC_BLOCKS,
     "routing": _BASIC_BLOCKS + _ROUTING_BLOCKS,
-    "queues": _BASIC_BLOCKS + _ROUTING_BLOCKS,
+    "queues": _BASIC_BLOCKS + _ROUTING_BLOCKS,  # no new blocks: read from the routing ones
 }
 #: Feature set -> the set whose features its own begin with (None: the first set). A
 #: network for a set can start from weights trained on any set it extends: the inputs it
 #: adds get zero weights (see ``self_labeling``).
 FEATURE_PARENT: dict[str, str | None] = {"basic": None, "routing": "basic", "queues": "routing"}
+#: Feature set -> the inputs per job it adds to its parent's.
+_ADDED_FEATURES = {"basic": N_FEATURES, "routing": 3 * N_ROUTING, "queues": N_QUEUE}
 #: The ``.npz`` layout written by :func:`save_dispatcher` (3 added the feature set, 4 the
 #: schedule-generation ``delay``).
 FORMAT_VERSION = 4
@@ -136,8 +138,7 @@ def n_features(features: str = "basic") -> int:
     """Inputs per job of the feature set ``features`` (a key of :data:`FEATURE_SETS`)."""
     if features not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {features!r}; known: {sorted(FEATURE_SETS)}")
-    added = {"basic": N_FEATURES, "routing": 3 * N_ROUTING, "queues": N_QUEUE}
-    return sum(added[name] for name in feature_lineage(features))
+    return sum(_ADDED_FEATURES[name] for name in feature_lineage(features))
 
 
 def feature_lineage(features: str) -> list[str]:
@@ -184,13 +185,14 @@ def job_features(
     out = np.empty((x.shape[0], n_jobs, n_features(features)), dtype=np.float32)
     out[:, :, : len(_JOB_BLOCKS)] = jobs.transpose(0, 2, 1)
     out[:, :, len(_JOB_BLOCKS) : N_FEATURES] = context[:, None, :]
-    if features in ("routing", "queues"):
+    lineage = feature_lineage(features)
+    if "routing" in lineage:
         own = routing_features(blocks)
         end = N_FEATURES + 3 * N_ROUTING
         out[:, :, N_FEATURES : N_FEATURES + N_ROUTING] = own
         out[:, :, N_FEATURES + N_ROUTING : N_FEATURES + 2 * N_ROUTING] = own.mean(axis=1)[:, None]
         out[:, :, N_FEATURES + 2 * N_ROUTING : end] = own.max(axis=1)[:, None]
-        if features == "queues":
+        if "queues" in lineage:
             out[:, :, end:] = queue_features(blocks)
     return out[0] if single else out
 

@@ -200,9 +200,7 @@ def test_an_init_of_any_set_a_set_extends_starts_it_as_the_same_function() -> No
     obs, _ = env.reset(seed=0)
     expected = basic.scores(job_features(obs, 15, "basic"))
     for init in (basic, _widened(basic, "routing")):
-        queues = self_labeling.train_self_labeling(
-            iterations=0, init=init, hidden=8, features="queues", validation_instances_per_size=0
-        )
+        queues = _widened(init, "queues")
         assert queues.layers[0][0].shape == (n_features("queues"), 8)
         np.testing.assert_allclose(
             queues.scores(job_features(obs, 15, "queues")), expected, atol=1e-5
